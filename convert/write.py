@@ -1,0 +1,151 @@
+"""Convert a Hugging Face Gemma 4 checkpoint into an mlx_gemma4 directory, atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import mlx.core as mx
+from huggingface_hub.utils import tqdm
+from mlx.utils import tree_flatten
+
+from mlx_gemma4.config import ModelConfig
+from mlx_gemma4.errors import CheckpointError, Gemma4Error
+
+from .hf import read_hf_checkpoint
+from .mapping import map_tensor
+from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, bits_for, quantizable, quantize_weight
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+SHARD_BYTES = 2 << 30  # 2 GiB output shards: small enough to stream, few enough to open fast
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class _ShardWriter:
+    """Collects tensors and writes a safetensors shard each time SHARD_BYTES is reached."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.pending, self.pending_bytes = directory, {}, 0
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, key: str, tensor: mx.array):
+        self.pending[key] = tensor
+        self.pending_bytes += tensor.nbytes
+        if self.pending_bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        mx.save_safetensors(str(self.directory / name), self.pending, metadata={"format": "mlx"})
+        self.weight_map.update({key: name for key in self.pending})
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        self.flush()
+        index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return len(self.weight_map)
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the unquantized model; arrays stay lazy, nothing is allocated."""
+    from mlx_gemma4.model import Model
+
+    return {key: tuple(value.shape) for key, value in tree_flatten(Model(config).parameters())}
+
+
+def _check_options(dtype: str, quantize_bits: int | None, group_size: int, sensitive_bits: int):
+    if dtype not in DTYPES:
+        raise Gemma4Error(f"dtype '{dtype}' is not supported (choose from {', '.join(DTYPES)})")
+    if quantize_bits is not None and quantize_bits not in SUPPORTED_BITS:
+        raise Gemma4Error(f"{quantize_bits}-bit quantization is not supported (choose from {SUPPORTED_BITS})")
+    if sensitive_bits not in SUPPORTED_BITS:
+        raise Gemma4Error(f"sensitive_bits {sensitive_bits} is not supported (choose from {SUPPORTED_BITS})")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise Gemma4Error(f"group size {group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})")
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    sensitive_bits: int = 8,
+) -> Path:
+    """Convert `hf_path` into `mlx_path`; a failure leaves no `mlx_path` behind.
+
+    `quantize_bits` quantizes every matrix whose rows split into `group_size` groups; the PLE
+    table, PLE projections and MoE router use at least `sensitive_bits` (8 unless asked).
+    """
+    from mlx_gemma4.load import load_model
+
+    _check_options(dtype, quantize_bits, group_size, sensitive_bits)
+    target = Path(mlx_path).expanduser()
+    if target.exists():
+        raise Gemma4Error(f"{target} already exists; choose a new --mlx-path or remove it")
+    checkpoint = read_hf_checkpoint(hf_path)
+    config, expected = checkpoint.config, _expected_shapes(checkpoint.config)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        writer, seen, module_bits = _ShardWriter(staging), set(), {}
+        with tqdm(total=checkpoint.num_tensors, desc="Converting", unit="tensor") as progress:
+            for shard in checkpoint.shards:
+                for hf_key, tensor in mx.load(str(shard)).items():
+                    for key, value in map_tensor(hf_key, tensor, config):
+                        if key not in expected:
+                            raise CheckpointError(f"unexpected tensor '{hf_key}' in {shard.name}")
+                        if tuple(value.shape) != expected[key]:
+                            raise CheckpointError(
+                                f"tensor '{hf_key}' has shape {tuple(value.shape)}, the config implies {expected[key]}"
+                            )
+                        seen.add(key)
+                        value = value.astype(DTYPES[dtype])
+                        if quantize_bits and quantizable(key, value.shape, group_size):
+                            bits = bits_for(key, quantize_bits, sensitive_bits)
+                            module_bits[key[: -len(".weight")]] = bits
+                            for part_key, part in quantize_weight(key, value, bits, group_size).items():
+                                writer.add(part_key, part)
+                        else:
+                            writer.add(key, value)
+                    progress.update()
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise CheckpointError(f"checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
+        writer.close()
+
+        out_config = config.to_dict()
+        if quantize_bits:
+            overrides = {m: {"bits": b} for m, b in sorted(module_bits.items()) if b != quantize_bits}
+            out_config["quantization"] = {
+                "group_size": group_size,
+                "bits": quantize_bits,
+                "mode": "affine",
+                "modules": overrides,
+            }
+        (staging / "config.json").write_text(json.dumps(out_config, indent=2))
+        for name in COPIED_FILES:
+            if (checkpoint.path / name).is_file():
+                shutil.copy2(checkpoint.path / name, staging / name)
+        load_model(staging)  # strict reload: every tensor present, every shape right
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,1 @@
+"""Metal kernel bodies (`*.metal`) read with importlib.resources; catalogue in README.md."""

@@ -1,0 +1,234 @@
+"""KV caches: one per cache-owning layer (KV-shared layers read their source layer's).
+
+Positions are counted in storage slots: slot p holds the p-th token of every batch row. Rows
+that are left-padded have `left_padding[b]` padding slots first, so their token positions (what
+RoPE sees) are `p - left_padding[b]`, and slots below `left_padding[b]` are masked out.
+
+Each cache builds the attention mask for the keys it is about to return, from its state
+BEFORE the update, so the model builds one mask per layer type and shares it across layers.
+Masks are boolean [B or 1, 1, L, S] arrays, the string "causal", or None (attend to all).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache
+
+ALLOC_STEP = 256  # slots added per growth; amortises the copy when a buffer grows
+DEFAULT_SLIDING_HEADROOM = 256  # extra ring slots: how far back a wrapped sliding cache can trim
+
+
+def _grow(buffer: mx.array | None, like: mx.array, slots: int) -> mx.array:
+    """Return `buffer` extended to `slots` slots on axis 2, or a new one shaped after `like`."""
+    B, H, _, D = like.shape
+    extra = mx.zeros((B, H, slots - (0 if buffer is None else buffer.shape[2]), D), like.dtype)
+    return extra if buffer is None else mx.concatenate([buffer, extra], axis=2)
+
+
+class _PaddedCache(_BaseCache):
+    def __init__(self, left_padding: list[int] | mx.array | None):
+        self.keys = self.values = None
+        self.offset = 0  # slots written
+        self.left_padding = None if left_padding is None else mx.array(left_padding, dtype=mx.int32)
+
+    def rope_offset(self) -> int | mx.array:
+        """Token position of the next slot, per row when rows are left-padded."""
+        return self.offset if self.left_padding is None else self.offset - self.left_padding
+
+    def _padding_mask(self, key_slots: mx.array) -> mx.array:
+        return key_slots[None, None, None, :] >= self.left_padding[:, None, None, None]
+
+    def _finish_mask(self, mask: mx.array | None, key_slots: mx.array) -> mx.array | None:
+        if self.left_padding is None:
+            return mask
+        padding = self._padding_mask(key_slots)
+        return padding if mask is None else mask & padding
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(_PaddedCache):
+    """Full-attention cache: every token, in order, in buffers that grow by ALLOC_STEP."""
+
+    def __init__(self, left_padding: list[int] | mx.array | None = None):
+        super().__init__(left_padding)
+
+    def make_mask(self, length: int) -> mx.array | str | None:
+        end = self.offset + length
+        key_slots = mx.arange(end)
+        if length == 1:
+            return self._finish_mask(None, key_slots)
+        if self.left_padding is None:
+            return "causal"  # bottom-right aligned in mx.fast.scaled_dot_product_attention
+        query_slots = mx.arange(self.offset, end)
+        return self._finish_mask(key_slots[None, :] <= query_slots[:, None], key_slots)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        end = self.offset + keys.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            slots = (end + ALLOC_STEP - 1) // ALLOC_STEP * ALLOC_STEP
+            self.keys, self.values = _grow(self.keys, keys, slots), _grow(self.values, values, slots)
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value):
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        padding = "" if self.left_padding is None else ",".join(str(p) for p in self.left_padding.tolist())
+        return (padding,)
+
+    @meta_state.setter
+    def meta_state(self, value):
+        (padding,) = value
+        self.left_padding = mx.array([int(p) for p in padding.split(",")], mx.int32) if padding else None
+
+
+class SlidingKVCache(_PaddedCache):
+    """Sliding-window ring buffer that stays exact after it wraps and can still be trimmed.
+
+    Position p lives in slot p % capacity, capacity = window + headroom. A query at position q
+    sees keys q-window+1 .. q (transformers' `kv > q - W`). The headroom keeps older tokens, so
+    up to `headroom` + 1 tokens can be trimmed (speculative rollback, prompt-cache reuse) even
+    after the ring has wrapped. `lowest` is the oldest position still held.
+    """
+
+    def __init__(self, window: int, headroom: int = DEFAULT_SLIDING_HEADROOM, left_padding=None):
+        super().__init__(left_padding)
+        self.window = window
+        self.capacity = window + headroom
+        self.lowest = 0
+
+    def _recent_start(self) -> int:
+        """First position new queries can see: the W-1 tokens before the next one."""
+        return max(self.lowest, self.offset - (self.window - 1))
+
+    def _slot_positions(self, newest: int, slots: int) -> mx.array:
+        """Position held by each slot once `newest` is written (stale slots come out < lowest)."""
+        slot = mx.arange(slots)
+        return newest - mx.remainder(newest - slot, self.capacity)
+
+    def make_mask(self, length: int) -> mx.array | None:
+        if length == 1:
+            newest = self.offset
+            slots = self._allocated_after(newest + 1)
+            if slots < self.capacity:
+                # Growth phase: update_and_fetch returns slots 0..newest, in order.
+                key_slots = mx.arange(newest + 1)
+                mask = (key_slots > newest - self.window)[None, None, None, :] if newest >= self.window else None
+                return self._finish_mask(mask, key_slots)
+            key_slots = self._slot_positions(newest, slots)
+            lowest_after = max(self.lowest, newest + 1 - self.capacity)
+            mask = (key_slots >= lowest_after) & (key_slots > newest - self.window)
+            return self._finish_mask(mask[None, None, None, :], key_slots)
+        key_slots = mx.arange(self._recent_start(), self.offset + length)
+        query_slots = mx.arange(self.offset, self.offset + length)[:, None]
+        mask = (key_slots[None, :] <= query_slots) & (key_slots[None, :] > query_slots - self.window)
+        return self._finish_mask(mask[None, None], key_slots)
+
+    def _allocated_after(self, end: int) -> int:
+        """Slots the buffers will have once positions up to `end` are stored."""
+        allocated = 0 if self.keys is None else self.keys.shape[2]
+        if end <= allocated or allocated >= self.capacity:
+            return allocated
+        return min(self.capacity, (end + ALLOC_STEP - 1) // ALLOC_STEP * ALLOC_STEP)
+
+    def _ensure_slots(self, like: mx.array, end: int):
+        slots = self._allocated_after(end)
+        if self.keys is None or slots > self.keys.shape[2]:
+            self.keys, self.values = _grow(self.keys, like, slots), _grow(self.values, like, slots)
+
+    def _ordered(self, buffer: mx.array, start: int, stop: int) -> mx.array:
+        """Slots holding positions start..stop-1 (fewer than capacity), in position order."""
+        first, count = start % self.capacity, stop - start
+        if first + count <= self.capacity:
+            return buffer[..., first : first + count, :]
+        return mx.concatenate([buffer[..., first:, :], buffer[..., : first + count - self.capacity, :]], axis=2)
+
+    def _store(self, keys: mx.array, values: mx.array, first_position: int):
+        """Write consecutive positions first_position.. into their ring slots."""
+        count = keys.shape[2]
+        slot = first_position % self.capacity
+        head = min(count, self.capacity - slot)
+        self.keys[..., slot : slot + head, :] = keys[..., :head, :]
+        self.values[..., slot : slot + head, :] = values[..., :head, :]
+        if head < count:
+            self.keys[..., : count - head, :] = keys[..., head:, :]
+            self.values[..., : count - head, :] = values[..., head:, :]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        length = keys.shape[2]
+        end = self.offset + length
+        if length == 1:
+            self._ensure_slots(keys, end)
+            self._store(keys, values, self.offset)
+            self.offset, self.lowest = end, max(self.lowest, end - self.capacity)
+            if self.keys.shape[2] < self.capacity:
+                return self.keys[..., :end, :], self.values[..., :end, :]
+            return self.keys, self.values
+        # Several tokens: attend over the W-1 previous tokens plus the new ones, in order.
+        start = self._recent_start()
+        if self.keys is not None and start < self.offset:
+            keys = mx.concatenate([self._ordered(self.keys, start, self.offset), keys], axis=2)
+            values = mx.concatenate([self._ordered(self.values, start, self.offset), values], axis=2)
+        self._ensure_slots(keys, end)
+        kept = min(length, self.capacity)
+        self._store(keys[..., -kept:, :], values[..., -kept:, :], end - kept)
+        self.offset, self.lowest = end, max(self.lowest, end - self.capacity)
+        return keys, values
+
+    def trimmable(self) -> int:
+        """Tokens that can be removed while the window behind the new end stays complete."""
+        floor = 0 if self.lowest == 0 else self.lowest + self.window - 1
+        return max(0, self.offset - floor)
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.trimmable())
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        return [] if self.keys is None else (self.keys, self.values)
+
+    @state.setter
+    def state(self, value):
+        self.keys, self.values = value
+
+    @property
+    def meta_state(self):
+        padding = "" if self.left_padding is None else ",".join(str(p) for p in self.left_padding.tolist())
+        return tuple(map(str, (self.window, self.capacity, self.offset, self.lowest))) + (padding,)
+
+    @meta_state.setter
+    def meta_state(self, value):
+        window, capacity, offset, lowest, padding = value
+        self.window, self.capacity, self.offset, self.lowest = map(int, (window, capacity, offset, lowest))
+        self.left_padding = mx.array([int(p) for p in padding.split(",")], mx.int32) if padding else None

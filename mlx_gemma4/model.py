@@ -1,0 +1,274 @@
+"""The Gemma 4 text decoder (E2B, E4B, 26B-A4B, 31B and any config of the family).
+
+Reads top to bottom as transformers' `modeling_gemma4.py` does; module paths equal the keys of
+a converted checkpoint. Per-layer geometry comes from `ModelConfig.layers`, never re-derived.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
+from .config import FULL, SLIDING, LayerConfig, ModelConfig
+from .rope import LayerRoPE
+
+
+class RMSNorm(nn.Module):
+    """Gemma4RMSNorm: the weight multiplies directly (no `1 + w` as in Gemma 1-3)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
+    """Gemma4RMSNorm(with_scale=False): v_norm and the router's input norm."""
+    return mx.fast.rms_norm(x, None, eps)
+
+
+def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
+    # gelu_pytorch_tanh is the tanh approximation, which nn.gelu_approx computes.
+    return nn.gelu_approx(gate) * up
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: LayerConfig, index: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = layer.num_kv_heads
+        self.head_dim = layer.head_dim
+        self.eps = config.rms_norm_eps
+        self.owns_cache = layer.kv_source == index
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, self.eps)
+        if self.owns_cache:  # KV-shared layers have no k/v weights at all
+            self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+            self.k_norm = RMSNorm(self.head_dim, self.eps)
+            if not layer.k_eq_v:
+                self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rope = LayerRoPE(layer.rope, layer.head_dim)
+
+    def __call__(self, x, mask, rope_offset, cache=None, shared_kv=None):
+        B, L, _ = x.shape
+        queries = self.q_norm(self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim))
+        queries = self.rope(queries.transpose(0, 2, 1, 3), rope_offset)
+        if shared_kv is not None:
+            keys, values = shared_kv
+        else:
+            raw_keys = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
+            # attention_k_eq_v: V is the PRE-norm k_proj output (modular_gemma4 "alternative attention").
+            raw_values = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim) if "v_proj" in self else raw_keys
+            keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), rope_offset)
+            values = rms_norm_no_scale(raw_values, self.eps).transpose(0, 2, 1, 3)
+            keys, values = cache.update_and_fetch(keys, values)
+        # scale 1.0: q_norm / k_norm replace the 1/sqrt(head_dim) factor (Gemma4TextAttention.scaling).
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
+
+
+class Router(nn.Module):
+    """Gemma4TextRouter: softmax over all experts in fp32, top-k, renormalise, per-expert scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.top_k = config.top_k_experts
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = mx.ones((config.hidden_size,))
+        self.per_expert_scale = mx.ones((config.num_experts,))
+        self.root_size = config.hidden_size**-0.5  # Gemma4TextRouter.scalar_root_size
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        x = rms_norm_no_scale(x, self.eps) * self.scale * self.root_size
+        probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
+        indices = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights * self.per_expert_scale[indices], indices
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        layer = config.layers[index]
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.self_attn = Attention(config, layer, index)
+        self.mlp = MLP(hidden, layer.intermediate_size)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.layer_scalar = mx.ones((1,))
+        if config.enable_moe_block:
+            self.router = Router(config)
+            self.experts = SwitchGLU(hidden, config.moe_intermediate_size, config.num_experts, activation=_expert_glu)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+        if config.hidden_size_per_layer_input:
+            self.per_layer_input_gate = nn.Linear(hidden, config.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(hidden, eps)
+
+    def __call__(self, h, mask, rope_offset, cache=None, shared_kv=None, per_layer_input=None):
+        attn, kv = self.self_attn(self.input_layernorm(h), mask, rope_offset, cache, shared_kv)
+        h = h + self.post_attention_layernorm(attn)
+
+        residual = h
+        m = self.mlp(self.pre_feedforward_layernorm(h))
+        if "router" in self:
+            # The router and the experts read the post-attention residual, not the dense branch's input.
+            weights, indices = self.router(residual)
+            experts = self.experts(self.pre_feedforward_layernorm_2(residual), indices)
+            experts = (experts * weights[..., None].astype(experts.dtype)).sum(axis=-2)
+            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(experts)
+        h = residual + self.post_feedforward_layernorm(m)
+
+        if per_layer_input is not None:
+            gate = gelu_gate(self.per_layer_input_gate(h), per_layer_input)
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
+        return h * self.layer_scalar, kv
+
+
+def _expert_glu(up: mx.array, gate: mx.array) -> mx.array:
+    return gelu_gate(gate, up)  # SwitchGLU passes (up, gate)
+
+
+class Model(nn.Module):
+    """Gemma 4 causal LM: `model(ids[B, L]) -> logits[B, L, vocab]`, softcapped."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        ple = config.hidden_size_per_layer_input
+        if ple:
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * ple)
+            self.per_layer_model_projection = nn.Linear(hidden, config.num_hidden_layers * ple, bias=False)
+            self.per_layer_projection_norm = RMSNorm(ple, config.rms_norm_eps)
+        self._cache_index = {layer: i for i, layer in enumerate(config.cache_owners)}
+        # Layers whose K/V a later KV-shared layer reads; only these are kept during a forward.
+        self._kv_sources = {layer.kv_source for i, layer in enumerate(config.layers) if layer.kv_source != i}
+        self._first_shared = min((i for i, l in enumerate(config.layers) if l.kv_source != i), default=None)
+
+    def make_cache(self, left_padding: list[int] | None = None, sliding_headroom: int = DEFAULT_SLIDING_HEADROOM):
+        """One cache per cache-owning layer; `left_padding[b]` pad slots lead row b."""
+        caches = []
+        for i in self.config.cache_owners:
+            layer = self.config.layers[i]
+            if layer.is_sliding:
+                caches.append(SlidingKVCache(layer.sliding_window, sliding_headroom, left_padding))
+            else:
+                caches.append(KVCache(left_padding))
+        return caches
+
+    def _embed(self, inputs: mx.array) -> mx.array:
+        h = self.embed_tokens(inputs)
+        # Gemma4TextScaledWordEmbedding casts sqrt(hidden) to the weight dtype before scaling.
+        return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
+
+    def _per_layer_inputs(self, inputs: mx.array, h: mx.array) -> mx.array | None:
+        """PLE: token-identity rows plus the normed projection of the embedding, [B, L, layers, P]."""
+        ple = self.config.hidden_size_per_layer_input
+        if not ple:
+            return None
+        shape = (*inputs.shape, self.config.num_hidden_layers, ple)
+        tokens = self.embed_tokens_per_layer(inputs)
+        tokens = (tokens * mx.array(math.sqrt(ple), dtype=tokens.dtype)).reshape(shape)
+        context = self.per_layer_model_projection(h) * mx.array(self.config.hidden_size**-0.5, dtype=h.dtype)
+        context = self.per_layer_projection_norm(context.reshape(shape))
+        return (context + tokens) * mx.array(2.0**-0.5, dtype=h.dtype)  # mix two unit-scale signals
+
+    def _logits(self, h: mx.array) -> mx.array:
+        h = self.norm(h)
+        logits = self.lm_head(h) if "lm_head" in self else self.embed_tokens.as_linear(h)
+        cap = self.config.final_logit_softcapping
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    def _run_layers(self, inputs: mx.array, cache: list, keep_last: bool, shared_layers: bool) -> mx.array:
+        """Run the decoder; with `keep_last`, KV-shared layers see only the last position.
+
+        KV-shared layers write no cache, so the other positions' outputs are never needed there
+        (transformers' `_maybe_slice_kv_shared_inputs`); without `shared_layers` they are skipped.
+        """
+        L = inputs.shape[1]
+        h = self._embed(inputs)
+        per_layer = self._per_layer_inputs(inputs, h)
+        first_cache = {}
+        for i, layer in zip(self.config.cache_owners, cache):
+            first_cache.setdefault(self.config.layers[i].layer_type, layer)
+        masks = {kind: c.make_mask(L) for kind, c in first_cache.items()}
+        offset = cache[0].rope_offset()
+        shared = {}
+        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
+            mask = masks[spec.layer_type]
+            if i == self._first_shared:
+                if not shared_layers:
+                    return h
+                if keep_last and L > 1:
+                    h, offset = h[:, -1:], offset + L - 1
+                    per_layer = None if per_layer is None else per_layer[:, -1:]
+                    masks = {kind: _last_query(m, L) for kind, m in masks.items()}
+                    mask = masks[spec.layer_type]
+            owner = spec.kv_source == i
+            h, kv = layer(
+                h,
+                mask,
+                offset,
+                cache[self._cache_index[i]] if owner else None,
+                None if owner else shared[spec.kv_source],
+                None if per_layer is None else per_layer[:, :, i],
+            )
+            if i in self._kv_sources:
+                shared[i] = kv
+        return h
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """Logits for every position, [B, L, vocab]; advances `cache` by L."""
+        cache = cache if cache is not None else self.make_cache()
+        return self._logits(self._run_layers(inputs, cache, keep_last=False, shared_layers=True))
+
+    def prefill(self, inputs: mx.array, cache: list, want_logits: bool = True) -> mx.array | None:
+        """Fill `cache` with a prompt chunk; logits of its last position only, [B, 1, vocab].
+
+        Middle chunks pass `want_logits=False`: KV-shared layers and the LM head are skipped.
+        """
+        h = self._run_layers(inputs, cache, keep_last=True, shared_layers=want_logits)
+        return self._logits(h[:, -1:]) if want_logits else None
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.norm.weight.dtype
+
+
+def _last_query(mask, length: int):
+    """The mask row of the last query position (masks are [.., L, S] arrays, "causal" or None)."""
+    if isinstance(mask, mx.array) and mask.shape[-2] == length:
+        return mask[..., -1:, :]
+    return None if isinstance(mask, str) else mask

@@ -1,0 +1,33 @@
+"""Per-layer rotary embeddings: Gemma 4's default and proportional (partial) schemes.
+
+Both use the NeoX "rotate_half" layout: dim j pairs with dim j + head_dim/2. The proportional
+scheme rotates only the first `rotated_dims/2` pairs, with exponents over the FULL head_dim
+(modeling_rope_utils._compute_proportional_rope_parameters); the other pairs pass through.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .config import RopeConfig
+
+
+class LayerRoPE:
+    """Applies one layer's rotation to [B, heads, L, head_dim] at per-row position offsets."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        self.head_dim = head_dim
+        pairs = rope.rotated_dims // 2
+        if rope.scheme == "default" and rope.factor == 1.0 and pairs == head_dim // 2:
+            self.base, self.periods = rope.theta, None
+        else:
+            # mx.fast.rope takes periods (1 / inv_freq); an infinite period is an identity pair.
+            exponents = mx.arange(0, 2 * pairs, 2, dtype=mx.float32) / head_dim
+            rotated = rope.factor * mx.power(mx.array(rope.theta, mx.float32), exponents)
+            still = mx.full((head_dim // 2 - pairs,), mx.inf, dtype=mx.float32)
+            self.base, self.periods = None, mx.concatenate([rotated, still])
+
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=self.base, scale=1.0, offset=offset, freqs=self.periods
+        )
