@@ -7,6 +7,7 @@ a converted checkpoint. Per-layer geometry comes from `ModelConfig.layers`, neve
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,9 +35,10 @@ def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
 
+@partial(mx.compile, shapeless=True)
 def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
-    # gelu_pytorch_tanh is the tanh approximation, which nn.gelu_approx computes.
-    return nn.gelu_approx(gate) * up
+    """gelu_pytorch_tanh(gate) * up, in float32: torch rounds GELU once, not after every op."""
+    return (nn.gelu_approx(gate.astype(mx.float32)) * up.astype(mx.float32)).astype(up.dtype)
 
 
 class Attention(nn.Module):

@@ -95,7 +95,11 @@ def _randomize(model, seed: int):
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if "rotary_emb" in name or "position" in name:
                 continue
-            if name.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale")):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Attention has scale 1.0: unit-RMS q/k with weights ~1 give scores of +-20 in
+                # these tiny heads, and that softmax amplifies float32 round-off past 1e-4.
+                tensor.copy_(torch.empty_like(tensor).uniform_(0.25, 0.75, generator=generator))
+            elif name.endswith(("norm.weight", "layer_scalar", "router.scale", "per_expert_scale")):
                 tensor.copy_(torch.empty_like(tensor).uniform_(0.5, 1.5, generator=generator))
             elif tensor.ndim >= 2 and tensor.is_floating_point():
                 fan_in = tensor.shape[-1]

@@ -1,0 +1,119 @@
+"""Parity of the MLX decoder with transformers 5.23 on tiny random checkpoints (float32)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import VARIANT_NAMES
+from hf_checkpoints import WINDOW
+
+from mlx_gemma4 import generate_tokens
+from mlx_gemma4.generate import prefill
+
+LOGIT_TOLERANCE = 1e-4  # float32 vs float32: transformers' own float64 error is ~5e-5 here
+PROMPT = 23  # well past the sliding window of 6
+
+
+def reference_logits(checkpoints, name: str, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return checkpoints.torch_model(name)(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_logits_without_cache_match_transformers(checkpoints, name):
+    ids = checkpoints.prompt(name, PROMPT)
+    ours = np.array(checkpoints.model(name)(mx.array(ids)))
+    assert ours.shape == (1, PROMPT, checkpoints.vocab_size(name))
+    assert np.abs(ours - reference_logits(checkpoints, name, ids)).max() <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_cached_prefill_then_single_token_steps_match(checkpoints, name):
+    ids = checkpoints.prompt(name, PROMPT, seed=1)
+    model = checkpoints.model(name)
+    cache = model.make_cache()
+    first = WINDOW + 3
+    steps = [np.array(model(mx.array(ids[:, :first]), cache))]
+    steps += [np.array(model(mx.array(ids[:, t : t + 1]), cache)) for t in range(first, PROMPT)]
+    ours = np.concatenate(steps, axis=1)
+    assert np.abs(ours - reference_logits(checkpoints, name, ids)).max() <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("chunk", [4, WINDOW + 3])  # chunks shorter and longer than the window
+def test_chunked_prefill_matches(checkpoints, name, chunk):
+    ids = checkpoints.prompt(name, PROMPT, seed=2)
+    model = checkpoints.model(name)
+    reference = reference_logits(checkpoints, name, ids)
+    cache = model.make_cache()
+    prompt_end = PROMPT - 4
+    last = prefill(model, mx.array(ids[:, :prompt_end]), cache, step_size=chunk)
+    assert np.abs(np.array(last) - reference[:, prompt_end - 1]).max() <= LOGIT_TOLERANCE
+    for t in range(prompt_end, PROMPT):
+        step = np.array(model(mx.array(ids[:, t : t + 1]), cache))[:, 0]
+        assert np.abs(step - reference[:, t]).max() <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_greedy_generation_matches_transformers_generate(checkpoints, name):
+    ids = checkpoints.prompt(name, 11, seed=3)
+    hf_model = checkpoints.torch_model(name)
+    new_tokens = 24
+    with torch.no_grad():
+        expected = hf_model.generate(
+            torch.tensor(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    ours = list(generate_tokens(checkpoints.model(name), ids[0].tolist(), max_tokens=new_tokens, stop_ids=[]))
+    assert ours == expected
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_left_padded_batch_matches_rows_run_alone(checkpoints, name):
+    model = checkpoints.model(name)
+    long, short = checkpoints.prompt(name, 15, seed=4)[0], checkpoints.prompt(name, 9, seed=5)[0]
+    pad = len(long) - len(short)
+    batch = np.stack([long, np.concatenate([np.zeros(pad, dtype=long.dtype), short])])
+    cache = model.make_cache(left_padding=[0, pad])
+    logits = [np.array(model(mx.array(batch), cache))]
+    follow = checkpoints.prompt(name, 2 * WINDOW, seed=6)[0]
+    for token in follow:  # decode past the window with per-row positions
+        logits.append(np.array(model(mx.array([[int(token)], [int(token)]]), cache)))
+    logits = np.concatenate(logits, axis=1)
+    for row, prompt in enumerate([long, short]):
+        alone = np.array(model(mx.array(np.concatenate([prompt, follow])[None])))[0]
+        assert np.abs(logits[row, len(long) - len(prompt) :] - alone).max() <= LOGIT_TOLERANCE
+
+
+def test_bfloat16_greedy_is_as_faithful_to_float32_as_transformers_bfloat16(checkpoints):
+    """bf16 top-1 agreement with float32, teacher-forced over 4 x 256 greedy steps.
+
+    Random tiny weights give flat next-token distributions: rounding the weights alone to bf16
+    flips ~3% of choices, so the bar is transformers' own bf16 model on the same tokens.
+    """
+    name, steps = "ple_shared", 256
+    ours_f32, ours_bf16 = checkpoints.model(name), checkpoints.model(name, "bfloat16")
+    hf_bf16 = checkpoints.torch_model(name).to(torch.bfloat16)
+    try:
+        ours_hits, hf_hits, ours_error, hf_error = [], [], [], []
+        for seed in range(4):
+            prompt = checkpoints.prompt(name, 16, seed=100 + seed)[0].tolist()
+            tokens = np.array(list(generate_tokens(ours_f32, prompt, max_tokens=steps, stop_ids=[])))
+            assert len(tokens) == steps
+            sequence = [prompt + tokens[:-1].tolist()]
+            decided = slice(len(prompt) - 1, None)  # positions that chose a generated token
+            f32_logits = np.array(ours_f32(mx.array(sequence)))[0, decided]
+            bf16_logits = np.array(ours_bf16(mx.array(sequence)).astype(mx.float32))[0, decided]
+            with torch.no_grad():
+                hf_logits = hf_bf16(torch.tensor(sequence)).logits.float().numpy()[0, decided]
+            ours_hits.append(bf16_logits.argmax(-1) == tokens)
+            hf_hits.append(hf_logits.argmax(-1) == tokens)
+            ours_error.append(np.abs(bf16_logits - f32_logits).mean())
+            hf_error.append(np.abs(hf_logits - f32_logits).mean())
+    finally:
+        hf_bf16.to(torch.float32)  # the session-wide reference model stays float32
+    ours_agreement, hf_agreement = np.mean(ours_hits), np.mean(hf_hits)
+    print(f"bf16 top-1 agreement: ours {ours_agreement:.4f}, transformers {hf_agreement:.4f}")
+    assert ours_agreement >= hf_agreement - 0.01
+    assert np.mean(ours_error) <= 1.25 * np.mean(hf_error)
