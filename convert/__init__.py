@@ -3,3 +3,7 @@
 from .write import convert
 
 __all__ = ["convert"]
+
+from mlx_gemma4._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, "convert")

@@ -1,13 +1,15 @@
-"""mlx_gemma4: Gemma 4 (E2B, E4B, 26B-A4B, 31B) on MLX."""
+"""mlx_gemma4: Gemma 4 (E2B, E4B, 26B-A4B, 31B) on MLX.
 
+`convert` and `load` are modules that are called like the functions they hold:
+`mlx_gemma4.convert(hf_path, mlx_path)`, `model, tokenizer = mlx_gemma4.load(path)`.
+"""
+
+from . import convert, load
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, Gemma4Error
 from .generate import generate_tokens
-from .load import load, load_model
+from .load import load_model
 from .model import Model
-
-# The subpackage `mlx_gemma4.convert` ships from convert/; its function is the public name.
-from .convert import convert  # noqa: E402  (after the imports above: load.py imports it lazily)
 
 __all__ = [
     "CheckpointError",

@@ -110,3 +110,8 @@ def load(path_or_id: str | Path):
 
     path = resolve_model_path(path_or_id)
     return load_model(path), Tokenizer.from_dir(path)
+
+
+from ._callable import make_module_callable  # noqa: E402  (needs `load` defined above)
+
+make_module_callable(__name__, "load")

@@ -1,0 +1,568 @@
+"""Side-by-side speed of mlx_gemma4 and mlx-lm on the same random-weight Gemma 4 checkpoint.
+
+For each model and quantization, both runtimes load a checkpoint made from one Hugging Face
+directory of random bf16 weights, then run the same seeded prompts: prompt tok/s, time to
+first token, greedy decode tok/s, peak memory and the decode bandwidth they achieve.
+
+    python bench/compare_mlx_lm.py --models e2b-mini,26b-a4b-mini --quant bf16,4bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import quantize_model, save_config, save_model
+
+import mlx_gemma4
+from mlx_gemma4.generate import prefill as mlx_gemma4_prefill
+
+from configs import MODELS, default_prompt_lengths  # bench/ is on sys.path when run as a script
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path("/tmp/mlx_gemma4_bench")
+QUANT_BITS = {"bf16": None, "8bit": 8, "4bit": 4}
+GROUP_SIZE = 64
+SHARD_BYTES = 2 << 30  # 2 GiB shards: the writer holds one shard of random weights at a time
+WEIGHT_STD = 0.02  # small enough that activations stay far from bf16 overflow over 60 layers
+# Norm weights, layer scalars and router scales multiply activations: keep them near 1, not exactly 1.
+SCALE_VECTOR = re.compile(r"(norm(_\d)?\.weight|layer_scalar|router\.scale|router\.per_expert_scale)$")
+MIN_TOKEN_ID = 10  # random prompts skip the special ids at the bottom of the vocabulary
+# Peak bandwidth of GPUs the roofline knows by name; others need --bandwidth-gbs.
+GPU_BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0}
+CUDA_FALLBACK_GBS = 3350.0  # H100 SXM HBM3
+CPU_FALLBACK_GBS = 50.0  # a nominal server-CPU figure, not a measurement
+
+
+# ---------------------------------------------------------------------------------------------
+# Random Hugging Face checkpoint
+
+
+def hf_tensor_shapes(text: dict) -> dict[str, tuple[int, ...]]:
+    """Gemma4ForCausalLM tensor names and shapes for a text config, in writing order."""
+    hidden, num_layers = text["hidden_size"], text["num_hidden_layers"]
+    heads, ple = text["num_attention_heads"], text.get("hidden_size_per_layer_input") or 0
+    first_shared = num_layers - (text.get("num_kv_shared_layers") or 0)
+    shapes = {"model.embed_tokens.weight": (text["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    if ple:
+        shapes["model.embed_tokens_per_layer.weight"] = (text["vocab_size_per_layer_input"], num_layers * ple)
+        shapes["model.per_layer_model_projection.weight"] = (num_layers * ple, hidden)
+        shapes["model.per_layer_projection_norm.weight"] = (ple,)
+    for i, layer_type in enumerate(text["layer_types"]):
+        full = layer_type == "full_attention"
+        k_eq_v = full and text.get("attention_k_eq_v", False)
+        head_dim = text["global_head_dim"] if full else text["head_dim"]
+        global_kv = text.get("num_global_key_value_heads")
+        kv_heads = global_kv if k_eq_v and global_kv is not None else text["num_key_value_heads"]
+        shared = i >= first_shared
+        width = text["intermediate_size"] * (2 if shared and text.get("use_double_wide_mlp") else 1)
+        prefix = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            shapes[f"{prefix}{norm}.weight"] = (hidden,)
+        shapes[prefix + "layer_scalar"] = (1,)
+        shapes[prefix + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+        shapes[prefix + "self_attn.q_norm.weight"] = (head_dim,)
+        if not shared:  # KV-shared layers read an earlier layer's K/V and carry no k/v weights
+            shapes[prefix + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
+            if not k_eq_v:
+                shapes[prefix + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+            shapes[prefix + "self_attn.k_norm.weight"] = (head_dim,)
+        shapes[prefix + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        shapes[prefix + "mlp.gate_proj.weight"] = (width, hidden)
+        shapes[prefix + "mlp.up_proj.weight"] = (width, hidden)
+        shapes[prefix + "mlp.down_proj.weight"] = (hidden, width)
+        if ple:
+            shapes[prefix + "per_layer_input_gate.weight"] = (ple, hidden)
+            shapes[prefix + "per_layer_projection.weight"] = (hidden, ple)
+            shapes[prefix + "post_per_layer_input_norm.weight"] = (hidden,)
+        if text.get("enable_moe_block"):
+            experts, expert_width = text["num_experts"], text["moe_intermediate_size"]
+            shapes[prefix + "router.proj.weight"] = (experts, hidden)
+            shapes[prefix + "router.scale"] = (hidden,)
+            shapes[prefix + "router.per_expert_scale"] = (experts,)
+            shapes[prefix + "experts.gate_up_proj"] = (experts, 2 * expert_width, hidden)
+            shapes[prefix + "experts.down_proj"] = (experts, hidden, expert_width)
+            for norm in ("post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+                shapes[f"{prefix}{norm}.weight"] = (hidden,)
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple[int, ...]) -> mx.array:
+    if SCALE_VECTOR.search(name):
+        return mx.random.uniform(0.9, 1.1, shape, dtype=mx.bfloat16)
+    return mx.random.normal(shape, dtype=mx.bfloat16, scale=WEIGHT_STD)
+
+
+def plan_shards(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    """Group tensor names into shards of about SHARD_BYTES (bf16); a larger tensor gets its own."""
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_hf_checkpoint(text: dict, directory: Path, seed: int):
+    """Write config.json and sharded bf16 safetensors; only a finished directory gets its name."""
+    shapes = hf_tensor_shapes(text)
+    shards = plan_shards(shapes)
+    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        mx.random.seed(seed)
+        weight_map = {}
+        for number, names in enumerate(shards, start=1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            log(f"  writing {file} ({len(names)} tensors)")
+            tensors = {name: random_tensor(name, shapes[name]) for name in names}
+            mx.save_safetensors(str(staging / file), tensors, metadata={"format": "pt"})
+            weight_map.update({name: file for name in names})
+            del tensors  # free this shard before the next one is generated
+        index = {"metadata": {"total_size": sum(2 * int(np.prod(s)) for s in shapes.values())}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(text, indent=2))
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def model_workdir(workdir: Path, model: str, seed: int) -> Path:
+    """Per-model directory keyed by the config and seed, so an edited config gets new weights."""
+    digest = hashlib.sha1(json.dumps([MODELS[model], seed], sort_keys=True).encode()).hexdigest()[:10]
+    return workdir / f"{model}-{digest}"
+
+
+def prepare_hf_checkpoint(root: Path, model: str, seed: int) -> Path:
+    hf_dir = root / "hf"
+    if not hf_dir.is_dir():
+        log(f"{model}: writing random-weight Hugging Face checkpoint to {hf_dir}")
+        write_hf_checkpoint(MODELS[model], hf_dir, seed)
+    return hf_dir
+
+
+def prepare_mlx_gemma4_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool) -> Path:
+    target = root / f"mlx_gemma4-{quant}"
+    if reconvert and target.is_dir():
+        shutil.rmtree(target)
+    if not target.is_dir():
+        log(f"converting with mlx_gemma4.convert to {target}")
+        mlx_gemma4.convert(hf_dir, target, dtype="bfloat16", quantize_bits=QUANT_BITS[quant], group_size=GROUP_SIZE)
+    return target
+
+
+def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool) -> Path:
+    """bf16 loads the HF directory as is; quantized follows mlx_lm.convert (its quant_predicate)."""
+    bits = QUANT_BITS[quant]
+    if bits is None:
+        return hf_dir
+    target = root / f"mlx_lm-{quant}"
+    if reconvert and target.is_dir():
+        shutil.rmtree(target)
+    if not target.is_dir():
+        log(f"quantizing with mlx_lm.utils.quantize_model to {target}")
+        # mlx_lm.convert minus the tokenizer copy: the random checkpoint has no tokenizer.
+        model, config = mlx_lm_load_model(hf_dir, lazy=True)
+        model, config = quantize_model(model, config, GROUP_SIZE, bits)
+        staging = root / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            save_model(staging, model, donate_model=True)
+            save_config(config, staging / "config.json")
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# The two runtimes behind one interface
+
+
+@dataclass
+class Runtime:
+    name: str
+    model: object
+    prefill: Callable[[mx.array], mx.array]  # prompt [L] -> logits of its last position [1, vocab]
+    decode: Callable[[mx.array, int], Iterator[int]]  # prompt [L], n -> n greedy token ids, EOS ignored
+
+
+def load_mlx_gemma4(path: Path, prefill_step_size: int) -> Runtime:
+    model = mlx_gemma4.load_model(path)
+
+    def prefill(prompt: mx.array) -> mx.array:
+        return mlx_gemma4_prefill(model, prompt[None], model.make_cache(), prefill_step_size)
+
+    def decode(prompt: mx.array, num_tokens: int) -> Iterator[int]:
+        return mlx_gemma4.generate_tokens(
+            model, prompt, max_tokens=num_tokens, stop_ids=[], prefill_step_size=prefill_step_size
+        )
+
+    return Runtime("mlx_gemma4", model, prefill, decode)
+
+
+def load_mlx_lm(path: Path, prefill_step_size: int) -> Runtime:
+    model, _ = mlx_lm_load_model(path)
+
+    def prefill(prompt: mx.array) -> mx.array:
+        # generate_step's prompt loop: chunks fill the cache, the last token alone yields logits.
+        cache = make_prompt_cache(model)
+        while prompt.size > 1:
+            chunk = prompt[: min(prefill_step_size, prompt.size - 1)]
+            model(chunk[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[chunk.size :]
+            mx.clear_cache()
+        return model(prompt[None], cache=cache)[:, -1]
+
+    def decode(prompt: mx.array, num_tokens: int) -> Iterator[int]:
+        # generate_step never stops on EOS (stream_generate does); its default sampler is argmax.
+        steps = generate_step(prompt, model, max_tokens=num_tokens, prefill_step_size=prefill_step_size)
+        return (token for token, _ in steps)
+
+    return Runtime("mlx-lm", model, prefill, decode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def decode_weight_bytes(model, expert_fraction: float) -> int:
+    """Bytes of parameters one decode step reads: the PLE table is only gathered (one row),
+    routed experts count for the top-k share, the tied embedding once as the LM head."""
+    total = 0.0
+    for path, array in tree_flatten(model.parameters()):
+        if "embed_tokens_per_layer" in path:
+            continue
+        total += array.nbytes * (expert_fraction if ".experts." in path else 1.0)
+    return int(total)
+
+
+def time_prefill(runtime: Runtime, prompt: mx.array) -> tuple[float, float, mx.array]:
+    """(prefill seconds, time-to-first-token seconds, last logits) with a fresh cache."""
+    start = time.perf_counter()
+    logits = runtime.prefill(prompt)
+    mx.eval(logits)
+    prefilled = time.perf_counter()
+    first_token = mx.argmax(logits, axis=-1)  # greedy: the first sampled token
+    mx.eval(first_token)
+    return prefilled - start, time.perf_counter() - start, logits
+
+
+def time_decode(runtime: Runtime, prompt: mx.array, num_tokens: int) -> float:
+    """Decode tok/s from the first yielded token to the last: prefill is excluded."""
+    stamps = [time.perf_counter() for _ in runtime.decode(prompt, num_tokens)]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def measure(
+    load: Callable[[], Runtime],
+    prompts: dict[int, mx.array],
+    decode_prompt: mx.array,
+    gen_tokens: int,
+    trials: int,
+    expert_fraction: float,
+) -> dict:
+    """Load one runtime and time it; peak memory covers loading and every run."""
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    runtime = load()
+    result = {"runtime": runtime.name, "decode_weight_bytes": decode_weight_bytes(runtime.model, expert_fraction), "prompt": {}}
+    for length, prompt in prompts.items():
+        time_prefill(runtime, prompt)  # warm-up: first use of each shape compiles / allocates
+        runs = [time_prefill(runtime, prompt) for _ in range(trials)]
+        result["prompt"][length] = {"prefill_s": [r[0] for r in runs], "ttft_s": [r[1] for r in runs]}
+        if "first_prompt_logits" not in result:
+            result["first_prompt_logits"] = np.array(runs[-1][2].astype(mx.float32))[0]
+    time_decode(runtime, decode_prompt, min(gen_tokens, 16))  # warm-up
+    result["decode_tok_s"] = [time_decode(runtime, decode_prompt, gen_tokens) for _ in range(trials)]
+    result["peak_memory_bytes"] = mx.get_peak_memory()
+    del runtime
+    gc.collect()
+    mx.clear_cache()
+    return result
+
+
+def compare(model: str, quant: str, args) -> dict:
+    text = MODELS[model]
+    root = model_workdir(args.workdir, model, args.seed)
+    hf_dir = prepare_hf_checkpoint(root, model, args.seed)
+    ours_dir = prepare_mlx_gemma4_checkpoint(hf_dir, root, quant, args.reconvert)
+    theirs_dir = prepare_mlx_lm_checkpoint(hf_dir, root, quant, args.reconvert)
+
+    rng = np.random.default_rng(args.seed)
+    lengths = args.prompt_lengths or default_prompt_lengths(model)
+    prompts = {n: mx.array(rng.integers(MIN_TOKEN_ID, text["vocab_size"], n), dtype=mx.int32) for n in lengths}
+    decode_prompt = mx.array(rng.integers(MIN_TOKEN_ID, text["vocab_size"], args.decode_prompt_length), dtype=mx.int32)
+    expert_fraction = text["top_k_experts"] / text["num_experts"] if text.get("enable_moe_block") else 1.0
+    shared = (prompts, decode_prompt, args.gen_tokens, args.trials, expert_fraction)
+
+    log(f"{model} {quant}: timing mlx_gemma4")
+    ours = measure(lambda: load_mlx_gemma4(ours_dir, args.prefill_step_size), *shared)
+    log(f"{model} {quant}: timing mlx-lm")
+    theirs = measure(lambda: load_mlx_lm(theirs_dir, args.prefill_step_size), *shared)
+
+    # Same weights, same prompt: logits that do not correlate would mean one runtime computes
+    # another model (bf16 rounding alone keeps r near 0.97 on these random weights).
+    ours_logits, theirs_logits = ours.pop("first_prompt_logits"), theirs.pop("first_prompt_logits")
+    check = {
+        "prompt_length": lengths[0],
+        "logits_correlation": float(np.corrcoef(ours_logits, theirs_logits)[0, 1]),
+        "logits_max_abs_diff": float(np.abs(ours_logits - theirs_logits).max()),
+        "same_first_token": bool(ours_logits.argmax() == theirs_logits.argmax()),
+    }
+    return {"model": model, "quant": quant, "mlx_gemma4": ours, "mlx_lm": theirs, "check": check}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def default_bandwidth() -> tuple[float, str]:
+    """Roofline bandwidth in GB/s and where the figure comes from."""
+    if mx.cuda.is_available():
+        name = mx.device_info().get("device_name", "")
+        for gpu, gbs in GPU_BANDWIDTH_GBS.items():
+            if gpu in name:
+                return gbs, f"{gpu} peak HBM bandwidth"
+        return CUDA_FALLBACK_GBS, f"H100 SXM figure assumed for '{name}'; pass --bandwidth-gbs"
+    return CPU_FALLBACK_GBS, "nominal CPU figure, not measured; pass --bandwidth-gbs"
+
+
+def environment(args) -> dict:
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": str(mx.default_device()),
+        "device_info": {k: v for k, v in info.items() if isinstance(v, (str, int, float))},
+        "mlx": mx.__version__,
+        "mlx_lm": version("mlx-lm"),
+        "mlx_gemma4_commit": git_commit(),
+        "bandwidth_gbs": args.bandwidth_gbs,
+        "bandwidth_source": args.bandwidth_source,
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def summarize(result: dict, bandwidth_gbs: float) -> dict:
+    """Medians per runtime: prompt tok/s and TTFT per length, decode tok/s, GB/s, roofline %."""
+    out = {}
+    for key in ("mlx_gemma4", "mlx_lm"):
+        side = result[key]
+        decode = median(side["decode_tok_s"])
+        gbs = side["decode_weight_bytes"] * decode / 1e9
+        out[key] = {
+            "prompt_tok_s": {n: n / median(r["prefill_s"]) for n, r in side["prompt"].items()},
+            "ttft_ms": {n: 1e3 * median(r["ttft_s"]) for n, r in side["prompt"].items()},
+            "decode_tok_s": decode,
+            "decode_gbs": gbs,
+            "roofline_pct": 100 * gbs / bandwidth_gbs,
+            "peak_gb": side["peak_memory_bytes"] / 1e9,
+        }
+    return out
+
+
+def markdown_table(results: list[dict], bandwidth_gbs: float) -> str:
+    header = (
+        "| model | quant | p | prompt tok/s ours | mlx-lm | ratio | TTFT ms ours / mlx-lm "
+        "| decode tok/s ours | mlx-lm | ratio | peak GB ours / mlx-lm | decode GB/s ours / mlx-lm "
+        "| % roofline ours / mlx-lm |"
+    )
+    lines = [header, "|" + "---|" * 13]
+    for result in results:
+        summary = summarize(result, bandwidth_gbs)
+        ours, theirs = summary["mlx_gemma4"], summary["mlx_lm"]
+        for row, length in enumerate(ours["prompt_tok_s"]):
+            prompt_ours, prompt_theirs = ours["prompt_tok_s"][length], theirs["prompt_tok_s"][length]
+            cells = [
+                result["model"],
+                result["quant"],
+                str(length),
+                f"{prompt_ours:,.0f}",
+                f"{prompt_theirs:,.0f}",
+                f"{prompt_ours / prompt_theirs:.2f}",
+                f"{ours['ttft_ms'][length]:,.1f} / {theirs['ttft_ms'][length]:,.1f}",
+            ]
+            if row == 0:  # decode and memory are per model and quant, not per prompt length
+                cells += [
+                    f"{ours['decode_tok_s']:,.1f}",
+                    f"{theirs['decode_tok_s']:,.1f}",
+                    f"{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}",
+                    f"{ours['peak_gb']:.2f} / {theirs['peak_gb']:.2f}",
+                    f"{ours['decode_gbs']:,.1f} / {theirs['decode_gbs']:,.1f}",
+                    f"{ours['roofline_pct']:.1f} / {theirs['roofline_pct']:.1f}",
+                ]
+            else:
+                cells += [""] * 6
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_report(env: dict, args, results: list[dict]):
+    info = ", ".join(f"{k}={v}" for k, v in env["device_info"].items())
+    print(f"# mlx_gemma4 vs mlx-lm, {env['date']}")
+    print(f"- device: {env['device']} ({info})")
+    print(f"- mlx {env['mlx']}, mlx-lm {env['mlx_lm']}, mlx_gemma4 commit {env['mlx_gemma4_commit']}")
+    print(f"- roofline bandwidth: {env['bandwidth_gbs']:g} GB/s ({env['bandwidth_source']})")
+    print(
+        f"- random bf16 weights, batch 1, median of {args.trials} trials after a warm-up; prefill step "
+        f"{args.prefill_step_size}; decode: {args.gen_tokens} greedy tokens after a "
+        f"{args.decode_prompt_length}-token prompt, EOS ignored; ratio = ours / mlx-lm"
+    )
+    print()
+    print(markdown_table(results, env["bandwidth_gbs"]))
+    print()
+    for result in results:
+        check = result["check"]
+        print(
+            f"- check {result['model']} {result['quant']}: last-position logits at p={check['prompt_length']} "
+            f"correlate at r={check['logits_correlation']:.4f} (max |diff| {check['logits_max_abs_diff']:.3g}), "
+            f"same first token: {'yes' if check['same_first_token'] else 'no'}"
+        )
+
+
+def write_plot(results: list[dict], bandwidth_gbs: float, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed to write a PNG
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"- plot: matplotlib is not installed, {path} not written")
+        return
+    labels, series = [], {"mlx_gemma4": [], "mlx-lm": [], "roofline (mlx_gemma4 weights)": []}
+    for result in results:
+        summary = summarize(result, bandwidth_gbs)
+        labels.append(f"{result['model']}\n{result['quant']}")
+        series["mlx_gemma4"].append(summary["mlx_gemma4"]["decode_tok_s"])
+        series["mlx-lm"].append(summary["mlx_lm"]["decode_tok_s"])
+        series["roofline (mlx_gemma4 weights)"].append(bandwidth_gbs * 1e9 / result["mlx_gemma4"]["decode_weight_bytes"])
+    positions, width = np.arange(len(labels)), 0.27
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.8 * len(labels)), 4.5))
+    for offset, (name, values) in enumerate(series.items()):
+        axes.bar(positions + (offset - 1) * width, values, width, label=name)
+    axes.set_xticks(positions)
+    axes.set_xticklabels(labels)
+    axes.set_yscale("log")  # the roofline can sit orders of magnitude above achieved speed
+    axes.set_ylabel("decode tok/s (batch 1)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"- plot: {path}")
+
+
+def json_ready(value):
+    """Results with int dict keys and numpy scalars made JSON-safe."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def comma_list(choices):
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
+        return items
+
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    values = [int(item) for item in text.split(",") if item.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("give positive integers separated by commas")
+    return values
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=comma_list(list(MODELS)), default=["e2b-mini", "26b-a4b-mini"])
+    parser.add_argument("--quant", type=comma_list(list(QUANT_BITS)), default=["bf16", "4bit"])
+    parser.add_argument(
+        "--prompt-lengths", type=positive_ints, help="prompt tok/s at these lengths (default 128,512 on -mini models, else 128,512,2048)"
+    )
+    parser.add_argument("--decode-prompt-length", type=int, default=512, help="prompt length before the timed decode")
+    parser.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per decode trial (at least 2)")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt chunk size, both runtimes (mlx-lm's default)")
+    parser.add_argument("--bandwidth-gbs", type=float, help="roofline memory bandwidth (default: H100 3350 / H200 4800 on CUDA, 50 on CPU)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="checkpoint cache, reused across runs")
+    parser.add_argument("--reconvert", action="store_true", help="convert again for both runtimes (after changing a converter)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the prompts")
+    parser.add_argument("--json", type=Path, help="write raw results here")
+    parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.gen_tokens < 2:
+        parser.error("--gen-tokens must be at least 2 (decode speed is timed between tokens)")
+    if args.trials < 1 or args.decode_prompt_length < 1 or args.prefill_step_size < 1:
+        parser.error("--trials, --decode-prompt-length and --prefill-step-size must be positive")
+    if args.bandwidth_gbs is None:
+        args.bandwidth_gbs, args.bandwidth_source = default_bandwidth()
+    else:
+        args.bandwidth_source = "--bandwidth-gbs"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = environment(args)
+    results = [compare(model, quant, args) for model in args.models for quant in args.quant]
+    print_report(env, args, results)
+    if args.json:
+        args.json.write_text(json.dumps(json_ready({"environment": env, "args": vars(args), "results": results}), indent=2, default=str))
+        print(f"- raw results: {args.json}")
+    if args.plot:
+        write_plot(results, env["bandwidth_gbs"], args.plot)
+
+
+if __name__ == "__main__":
+    main()

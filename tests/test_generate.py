@@ -1,0 +1,73 @@
+"""generate_tokens: stopping, limits, sampling options, reproducibility, cache reuse."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma4 import generate_tokens
+
+NAME = "k_eq_v"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints.model(NAME)
+
+
+@pytest.fixture(scope="module")
+def prompt(checkpoints):
+    return checkpoints.prompt(NAME, 12, seed=20)[0].tolist()
+
+
+def test_empty_stop_list_runs_to_max_tokens(model, prompt):
+    assert len(list(generate_tokens(model, prompt, max_tokens=17, stop_ids=[]))) == 17
+
+
+def test_generation_ends_on_a_stop_id_and_yields_it(model, prompt):
+    greedy = list(generate_tokens(model, prompt, max_tokens=10, stop_ids=[]))
+    stop = greedy[3]
+    first_stop = greedy.index(stop)
+    assert list(generate_tokens(model, prompt, max_tokens=10, stop_ids=[stop])) == greedy[: first_stop + 1]
+
+
+def test_default_stops_include_end_of_turn_tokens(model, prompt):
+    greedy = list(generate_tokens(model, prompt, max_tokens=40, stop_ids=[]))
+    default = list(generate_tokens(model, prompt, max_tokens=40))
+    cut = next((i for i, t in enumerate(greedy) if t in (1, 106, 50)), None)
+    assert default == (greedy if cut is None else greedy[: cut + 1])
+
+
+def test_sampling_is_reproducible_with_a_seed(model, prompt):
+    options = dict(max_tokens=20, temperature=1.0, top_p=0.9, stop_ids=[])
+    first = list(generate_tokens(model, prompt, seed=3, **options))
+    assert first == list(generate_tokens(model, prompt, seed=3, **options))
+    others = [list(generate_tokens(model, prompt, seed=s, **options)) for s in (4, 5, 6)]
+    assert any(o != first for o in others)
+
+
+def test_top_k_one_is_greedy(model, prompt):
+    greedy = list(generate_tokens(model, prompt, max_tokens=12, stop_ids=[]))
+    assert list(generate_tokens(model, prompt, max_tokens=12, temperature=1.0, top_k=1, seed=0, stop_ids=[])) == greedy
+
+
+def test_passed_cache_is_extended_for_the_next_turn(model, prompt):
+    """Continuing on the returned cache equals generating from the whole history at once."""
+    cache = model.make_cache()
+    reply = list(generate_tokens(model, prompt, max_tokens=5, stop_ids=[], cache=cache))
+    assert cache[0].offset == len(prompt) + len(reply) - 1  # the last token is not fed yet
+    follow = [reply[-1], 7, 9]
+    continued = list(generate_tokens(model, follow, max_tokens=6, stop_ids=[], cache=cache))
+    assert continued == list(generate_tokens(model, prompt + reply[:-1] + follow, max_tokens=6, stop_ids=[]))
+
+
+@pytest.mark.parametrize("bad", [[], [[1, 2]]])
+def test_bad_prompts_are_rejected(model, bad):
+    with pytest.raises(ValueError, match="prompt_ids"):
+        list(generate_tokens(model, bad, max_tokens=3))
+
+
+def test_chunk_size_does_not_change_tokens(model, prompt):
+    whole = list(generate_tokens(model, prompt, max_tokens=8, stop_ids=[]))
+    assert list(generate_tokens(model, prompt, max_tokens=8, stop_ids=[], prefill_step_size=5)) == whole
+    assert mx.array(whole).dtype == mx.int32
