@@ -13,6 +13,8 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4.config import ModelConfig
 from mlx_gemma4.errors import CheckpointError, Gemma4Error
+from mlx_gemma4.load import load_model
+from mlx_gemma4.model import Model
 
 from .hf import read_hf_checkpoint
 from .mapping import map_tensor
@@ -61,8 +63,6 @@ class _ShardWriter:
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the unquantized model; arrays stay lazy, nothing is allocated."""
-    from mlx_gemma4.model import Model
-
     return {key: tuple(value.shape) for key, value in tree_flatten(Model(config).parameters())}
 
 
@@ -91,8 +91,6 @@ def convert(
     `quantize_bits` quantizes every matrix whose rows split into `group_size` groups; the PLE
     table, PLE projections and MoE router use at least `sensitive_bits` (8 unless asked).
     """
-    from mlx_gemma4.load import load_model
-
     _check_options(dtype, quantize_bits, group_size, sensitive_bits)
     target = Path(mlx_path).expanduser()
     if target.exists():

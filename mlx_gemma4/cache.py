@@ -95,21 +95,6 @@ class KVCache(_PaddedCache):
             return []
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    @state.setter
-    def state(self, value):
-        self.keys, self.values = value
-        self.offset = self.keys.shape[2]
-
-    @property
-    def meta_state(self):
-        padding = "" if self.left_padding is None else ",".join(str(p) for p in self.left_padding.tolist())
-        return (padding,)
-
-    @meta_state.setter
-    def meta_state(self, value):
-        (padding,) = value
-        self.left_padding = mx.array([int(p) for p in padding.split(",")], mx.int32) if padding else None
-
 
 class SlidingKVCache(_PaddedCache):
     """Sliding-window ring buffer that stays exact after it wraps and can still be trimmed.
@@ -217,18 +202,3 @@ class SlidingKVCache(_PaddedCache):
     @property
     def state(self):
         return [] if self.keys is None else (self.keys, self.values)
-
-    @state.setter
-    def state(self, value):
-        self.keys, self.values = value
-
-    @property
-    def meta_state(self):
-        padding = "" if self.left_padding is None else ",".join(str(p) for p in self.left_padding.tolist())
-        return tuple(map(str, (self.window, self.capacity, self.offset, self.lowest))) + (padding,)
-
-    @meta_state.setter
-    def meta_state(self, value):
-        window, capacity, offset, lowest, padding = value
-        self.window, self.capacity, self.offset, self.lowest = map(int, (window, capacity, offset, lowest))
-        self.left_padding = mx.array([int(p) for p in padding.split(",")], mx.int32) if padding else None

@@ -175,6 +175,9 @@ class Model(nn.Module):
             self.per_layer_model_projection = nn.Linear(hidden, config.num_hidden_layers * ple, bias=False)
             self.per_layer_projection_norm = RMSNorm(ple, config.rms_norm_eps)
         self._cache_index = {layer: i for i, layer in enumerate(config.cache_owners)}
+        self._first_cache_of_type = {}
+        for layer, index in self._cache_index.items():
+            self._first_cache_of_type.setdefault(config.layers[layer].layer_type, index)
         # Layers whose K/V a later KV-shared layer reads; only these are kept during a forward.
         self._kv_sources = {layer.kv_source for i, layer in enumerate(config.layers) if layer.kv_source != i}
         self._first_shared = min((i for i, l in enumerate(config.layers) if l.kv_source != i), default=None)
@@ -222,10 +225,8 @@ class Model(nn.Module):
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
-        first_cache = {}
-        for i, layer in zip(self.config.cache_owners, cache):
-            first_cache.setdefault(self.config.layers[i].layer_type, layer)
-        masks = {kind: c.make_mask(L) for kind, c in first_cache.items()}
+        # Caches of one layer type share offsets, so the first of each type builds the mask.
+        masks = {kind: cache[index].make_mask(L) for kind, index in self._first_cache_of_type.items()}
         offset = cache[0].rope_offset()
         shared = {}
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
@@ -263,10 +264,6 @@ class Model(nn.Module):
         """
         h = self._run_layers(inputs, cache, keep_last=True, shared_layers=want_logits)
         return self._logits(h[:, -1:]) if want_logits else None
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.norm.weight.dtype
 
 
 def _last_query(mask, length: int):

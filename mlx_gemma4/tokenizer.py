@@ -26,10 +26,3 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size()
