@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4.config import ModelConfig
 from mlx_gemma4.errors import CheckpointError, Gemma4Error
-from mlx_gemma4.load import load_model
+from mlx_gemma4.load import load_converted
 from mlx_gemma4.model import Model
 
 from .hf import read_hf_checkpoint
@@ -141,7 +141,7 @@ def convert(
         for name in COPIED_FILES:
             if (checkpoint.path / name).is_file():
                 shutil.copy2(checkpoint.path / name, staging / name)
-        load_model(staging)  # strict reload: every tensor present, every shape right
+        load_converted(staging)  # strict reload: every tensor present, every shape right
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,14 +14,17 @@ DEFAULT_STOP_IDS = (1, 106, 50)
 
 
 def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.array:
-    """Feed `prompt` [B, L] in chunks of `step_size`; logits of the last position, [B, vocab]."""
+    """Feed `prompt` [B, L] in chunks of `step_size`; logits of the last position, [B, vocab].
+
+    All but the last token only fill the caches; the last one runs as an ordinary step, so
+    nothing is computed for positions whose outputs no one reads.
+    """
     if step_size < 1:
         raise ValueError("prefill_step_size must be at least 1")
-    while prompt.shape[1] > step_size:
-        model.prefill(prompt[:, :step_size], cache, want_logits=False)
+    for start in range(0, prompt.shape[1] - 1, step_size):
+        model.prefill(prompt[:, start : min(start + step_size, prompt.shape[1] - 1)], cache)
         mx.eval([c.state for c in cache])
-        prompt = prompt[:, step_size:]
-    return model.prefill(prompt, cache)[:, -1]
+    return model(prompt[:, -1:], cache)[:, -1]
 
 
 def generate_tokens(

@@ -80,9 +80,20 @@ def _quantize_like_checkpoint(model: Model, quantization: dict, weights: dict):
     nn.quantize(model, class_predicate=predicate)
 
 
-def load_model(path_or_id: str | Path) -> Model:
-    """Build the model from a converted checkpoint and load its weights strictly."""
-    path = resolve_model_path(path_or_id)
+def _check_back_end_can_run(model: Model):
+    """MLX's CPU gather_mm multiplies float32 only: unquantized bf16/fp16 experts fail there."""
+    if not model.config.enable_moe_block or mx.metal.is_available() or mx.cuda.is_available():
+        return
+    experts = model.layers[0].experts.gate_proj
+    if "scales" not in experts and experts.weight.dtype != mx.float32:
+        raise Gemma4Error(
+            f"MLX's CPU back end runs unquantized MoE experts only in float32, these are "
+            f"{experts.weight.dtype}: convert with --dtype float32, or quantize with -q"
+        )
+
+
+def load_converted(path: Path) -> Model:
+    """Build the model of a converted directory and load every weight strictly (lazily)."""
     config = ModelConfig.from_dict(read_config_file(path))
     files = _weight_files(path)
     if not files:
@@ -100,6 +111,13 @@ def load_model(path_or_id: str | Path) -> Model:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise CheckpointError(f"{path}: weights do not match the config ({exc})") from None
+    return model
+
+
+def load_model(path_or_id: str | Path) -> Model:
+    """The model of a converted checkpoint (or hub id), weights loaded and checked."""
+    model = load_converted(resolve_model_path(path_or_id))
+    _check_back_end_can_run(model)
     mx.eval(model.parameters())
     return model
 

@@ -180,7 +180,6 @@ class Model(nn.Module):
             self._first_cache_of_type.setdefault(config.layers[layer].layer_type, index)
         # Layers whose K/V a later KV-shared layer reads; only these are kept during a forward.
         self._kv_sources = {layer.kv_source for i, layer in enumerate(config.layers) if layer.kv_source != i}
-        self._first_shared = min((i for i, l in enumerate(config.layers) if l.kv_source != i), default=None)
 
     def make_cache(self, left_padding: list[int] | None = None, sliding_headroom: int = DEFAULT_SLIDING_HEADROOM):
         """One cache per cache-owning layer; `left_padding[b]` pad slots lead row b."""
@@ -216,12 +215,8 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    def _run_layers(self, inputs: mx.array, cache: list, keep_last: bool, shared_layers: bool) -> mx.array:
-        """Run the decoder; with `keep_last`, KV-shared layers see only the last position.
-
-        KV-shared layers write no cache, so the other positions' outputs are never needed there
-        (transformers' `_maybe_slice_kv_shared_inputs`); without `shared_layers` they are skipped.
-        """
+    def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool) -> mx.array:
+        """Hidden states after the decoder; `stop_at_shared` ends before the first KV-shared layer."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
@@ -230,19 +225,12 @@ class Model(nn.Module):
         offset = cache[0].rope_offset()
         shared = {}
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
-            mask = masks[spec.layer_type]
-            if i == self._first_shared:
-                if not shared_layers:
-                    return h
-                if keep_last and L > 1:
-                    h, offset = h[:, -1:], offset + L - 1
-                    per_layer = None if per_layer is None else per_layer[:, -1:]
-                    masks = {kind: _last_query(m, L) for kind, m in masks.items()}
-                    mask = masks[spec.layer_type]
             owner = spec.kv_source == i
+            if stop_at_shared and not owner:
+                break
             h, kv = layer(
                 h,
-                mask,
+                masks[spec.layer_type],
                 offset,
                 cache[self._cache_index[i]] if owner else None,
                 None if owner else shared[spec.kv_source],
@@ -255,19 +243,13 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         """Logits for every position, [B, L, vocab]; advances `cache` by L."""
         cache = cache if cache is not None else self.make_cache()
-        return self._logits(self._run_layers(inputs, cache, keep_last=False, shared_layers=True))
+        return self._logits(self._run_layers(inputs, cache, stop_at_shared=False))
 
-    def prefill(self, inputs: mx.array, cache: list, want_logits: bool = True) -> mx.array | None:
-        """Fill `cache` with a prompt chunk; logits of its last position only, [B, 1, vocab].
+    def prefill(self, inputs: mx.array, cache: list) -> None:
+        """Write a prompt chunk into `cache`, computing only what the caches hold.
 
-        Middle chunks pass `want_logits=False`: KV-shared layers and the LM head are skipped.
+        KV-shared layers and the LM head are skipped: no cache depends on them
+        (transformers' `_maybe_slice_kv_shared_inputs`). Evaluate the cache states afterwards;
+        MLX then also prunes the last owner layer's output, which no cache reads either.
         """
-        h = self._run_layers(inputs, cache, keep_last=True, shared_layers=want_logits)
-        return self._logits(h[:, -1:]) if want_logits else None
-
-
-def _last_query(mask, length: int):
-    """The mask row of the last query position (masks are [.., L, S] arrays, "causal" or None)."""
-    if isinstance(mask, mx.array) and mask.shape[-2] == length:
-        return mask[..., -1:, :]
-    return None if isinstance(mask, str) else mask
+        self._run_layers(inputs, cache, stop_at_shared=True)

@@ -46,3 +46,10 @@ def test_hub_id_downloads_converts_once_and_reuses_the_cache(checkpoints, tmp_pa
     assert (tmp_path / "cache" / "google--gemma-4-tiny" / "config.json").is_file()
     np.testing.assert_allclose(first, second)
     np.testing.assert_allclose(first, logits(checkpoints.model("k_eq_v", "bfloat16")), atol=1e-6)
+
+
+@pytest.mark.skipif(mx.metal.is_available() or mx.cuda.is_available(), reason="the limit is the CPU back end's")
+def test_cpu_back_end_refuses_bfloat16_experts_with_a_way_out(checkpoints):
+    converted = checkpoints.converted("moe", "bfloat16")  # converting on a CPU box still works
+    with pytest.raises(Gemma4Error, match="--dtype float32, or quantize with -q"):
+        mlx_gemma4.load_model(converted)
