@@ -65,14 +65,13 @@ class KVCache(_PaddedCache):
         super().__init__(left_padding)
 
     def make_mask(self, length: int) -> mx.array | str | None:
+        if self.left_padding is None:
+            # One query sees every key; "causal" is bottom-right aligned in fast SDPA.
+            return None if length == 1 else "causal"
         end = self.offset + length
         key_slots = mx.arange(end)
-        if length == 1:
-            return self._finish_mask(None, key_slots)
-        if self.left_padding is None:
-            return "causal"  # bottom-right aligned in mx.fast.scaled_dot_product_attention
-        query_slots = mx.arange(self.offset, end)
-        return self._finish_mask(key_slots[None, :] <= query_slots[:, None], key_slots)
+        query_slots = mx.arange(self.offset, end)[:, None]
+        return self._finish_mask(None if length == 1 else key_slots[None, :] <= query_slots, key_slots)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         end = self.offset + keys.shape[2]
@@ -125,10 +124,11 @@ class SlidingKVCache(_PaddedCache):
             newest = self.offset
             slots = self._allocated_after(newest + 1)
             if slots < self.capacity:
-                # Growth phase: update_and_fetch returns slots 0..newest, in order.
-                key_slots = mx.arange(newest + 1)
-                mask = (key_slots > newest - self.window)[None, None, None, :] if newest >= self.window else None
-                return self._finish_mask(mask, key_slots)
+                # Growth phase: update_and_fetch returns exactly the window, in order: no mask
+                # keeps fast SDPA on its fused single-query path.
+                if self.left_padding is None:
+                    return None
+                return self._finish_mask(None, mx.arange(max(0, newest + 1 - self.window), newest + 1))
             key_slots = self._slot_positions(newest, slots)
             lowest_after = max(self.lowest, newest + 1 - self.capacity)
             mask = (key_slots >= lowest_after) & (key_slots > newest - self.window)
@@ -176,7 +176,8 @@ class SlidingKVCache(_PaddedCache):
             self._store(keys, values, self.offset)
             self.offset, self.lowest = end, max(self.lowest, end - self.capacity)
             if self.keys.shape[2] < self.capacity:
-                return self.keys[..., :end, :], self.values[..., :end, :]
+                start = max(0, end - self.window)
+                return self.keys[..., start:end, :], self.values[..., start:end, :]
             return self.keys, self.values
         # Several tokens: attend over the W-1 previous tokens plus the new ones, in order.
         start = self._recent_start()

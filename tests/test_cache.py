@@ -53,15 +53,16 @@ class CheckedCache:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_sliding_cache_matches_windowed_attention_through_wraps_and_trims(seed):
-    window, headroom = 6, 4
+@pytest.mark.parametrize("headroom", [4, 300])  # 300: buffers grow in steps before the ring wraps
+def test_sliding_cache_matches_windowed_attention_through_wraps_and_trims(seed, headroom):
+    window = 6
     checked = CheckedCache(SlidingKVCache(window, headroom), window, seed)
     rng = random.Random(seed)
     for _ in range(60):
         if rng.random() < 0.25:
             checked.trim(rng.randint(1, headroom + 3))
         else:
-            checked.feed(rng.choice([1, 1, 1, 2, 5, window + 3, 2 * (window + headroom) + 1]))
+            checked.feed(rng.choice([1, 1, 1, 1, 1, 2, 5, window + 3, 40, window + headroom + 1]))
 
 
 def test_wrapped_sliding_cache_still_trims_its_headroom():
