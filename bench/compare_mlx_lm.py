@@ -20,9 +20,11 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -47,6 +49,13 @@ SHARD_BYTES = 2 << 30  # 2 GiB shards: the writer holds one shard of random weig
 WEIGHT_STD = 0.02  # small enough that activations stay far from bf16 overflow over 60 layers
 # Norm weights, layer scalars and router scales multiply activations: keep them near 1, not exactly 1.
 SCALE_VECTOR = re.compile(r"(norm(_\d)?\.weight|layer_scalar|router\.scale|router\.per_expert_scale)$")
+SANDWICH_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+MOE_NORMS = ("post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2")
 MIN_TOKEN_ID = 10  # random prompts skip the special ids at the bottom of the vocabulary
 # Peak bandwidth of GPUs the roofline knows by name; others need --bandwidth-gbs.
 GPU_BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0}
@@ -77,7 +86,7 @@ def hf_tensor_shapes(text: dict) -> dict[str, tuple[int, ...]]:
         shared = i >= first_shared
         width = text["intermediate_size"] * (2 if shared and text.get("use_double_wide_mlp") else 1)
         prefix = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        for norm in SANDWICH_NORMS:
             shapes[f"{prefix}{norm}.weight"] = (hidden,)
         shapes[prefix + "layer_scalar"] = (1,)
         shapes[prefix + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
@@ -102,7 +111,7 @@ def hf_tensor_shapes(text: dict) -> dict[str, tuple[int, ...]]:
             shapes[prefix + "router.per_expert_scale"] = (experts,)
             shapes[prefix + "experts.gate_up_proj"] = (experts, 2 * expert_width, hidden)
             shapes[prefix + "experts.down_proj"] = (experts, hidden, expert_width)
-            for norm in ("post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+            for norm in MOE_NORMS:
                 shapes[f"{prefix}{norm}.weight"] = (hidden,)
     return shapes
 
@@ -142,7 +151,8 @@ def write_hf_checkpoint(text: dict, directory: Path, seed: int):
             mx.save_safetensors(str(staging / file), tensors, metadata={"format": "pt"})
             weight_map.update({name: file for name in names})
             del tensors  # free this shard before the next one is generated
-        index = {"metadata": {"total_size": sum(2 * int(np.prod(s)) for s in shapes.values())}, "weight_map": weight_map}
+        total_size = sum(2 * int(np.prod(shape)) for shape in shapes.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (staging / "config.json").write_text(json.dumps(text, indent=2))
         staging.rename(directory)
@@ -205,7 +215,6 @@ def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: b
 
 @dataclass
 class Runtime:
-    name: str
     model: object
     prefill: Callable[[mx.array], mx.array]  # prompt [L] -> logits of its last position [1, vocab]
     decode: Callable[[mx.array, int], Iterator[int]]  # prompt [L], n -> n greedy token ids, EOS ignored
@@ -222,7 +231,7 @@ def load_mlx_gemma4(path: Path, prefill_step_size: int) -> Runtime:
             model, prompt, max_tokens=num_tokens, stop_ids=[], prefill_step_size=prefill_step_size
         )
 
-    return Runtime("mlx_gemma4", model, prefill, decode)
+    return Runtime(model, prefill, decode)
 
 
 def load_mlx_lm(path: Path, prefill_step_size: int) -> Runtime:
@@ -244,7 +253,7 @@ def load_mlx_lm(path: Path, prefill_step_size: int) -> Runtime:
         steps = generate_step(prompt, model, max_tokens=num_tokens, prefill_step_size=prefill_step_size)
         return (token for token, _ in steps)
 
-    return Runtime("mlx-lm", model, prefill, decode)
+    return Runtime(model, prefill, decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,15 +271,14 @@ def decode_weight_bytes(model, expert_fraction: float) -> int:
     return int(total)
 
 
-def time_prefill(runtime: Runtime, prompt: mx.array) -> tuple[float, float, mx.array]:
-    """(prefill seconds, time-to-first-token seconds, last logits) with a fresh cache."""
+def time_prefill(runtime: Runtime, prompt: mx.array) -> tuple[float, float]:
+    """(prefill seconds, time-to-first-token seconds) from a fresh cache."""
     start = time.perf_counter()
     logits = runtime.prefill(prompt)
     mx.eval(logits)
     prefilled = time.perf_counter()
-    first_token = mx.argmax(logits, axis=-1)  # greedy: the first sampled token
-    mx.eval(first_token)
-    return prefilled - start, time.perf_counter() - start, logits
+    mx.eval(mx.argmax(logits, axis=-1))  # greedy: sampling the first token
+    return prefilled - start, time.perf_counter() - start
 
 
 def time_decode(runtime: Runtime, prompt: mx.array, num_tokens: int) -> float:
@@ -292,51 +300,46 @@ def measure(
     mx.clear_cache()
     mx.reset_peak_memory()
     runtime = load()
-    result = {"runtime": runtime.name, "decode_weight_bytes": decode_weight_bytes(runtime.model, expert_fraction), "prompt": {}}
+    result = {"decode_weight_bytes": decode_weight_bytes(runtime.model, expert_fraction), "prompt": {}}
     for length, prompt in prompts.items():
         time_prefill(runtime, prompt)  # warm-up: first use of each shape compiles / allocates
         runs = [time_prefill(runtime, prompt) for _ in range(trials)]
         result["prompt"][length] = {"prefill_s": [r[0] for r in runs], "ttft_s": [r[1] for r in runs]}
-        if "first_prompt_logits" not in result:
-            result["first_prompt_logits"] = np.array(runs[-1][2].astype(mx.float32))[0]
     time_decode(runtime, decode_prompt, min(gen_tokens, 16))  # warm-up
     result["decode_tok_s"] = [time_decode(runtime, decode_prompt, gen_tokens) for _ in range(trials)]
     result["peak_memory_bytes"] = mx.get_peak_memory()
-    del runtime
-    gc.collect()
-    mx.clear_cache()
     return result
 
 
 def compare(model: str, quant: str, args) -> dict:
+    """Both runtimes on one model and quantization; a runtime that fails is reported, not fatal."""
     text = MODELS[model]
     root = model_workdir(args.workdir, model, args.seed)
     hf_dir = prepare_hf_checkpoint(root, model, args.seed)
-    ours_dir = prepare_mlx_gemma4_checkpoint(hf_dir, root, quant, args.reconvert)
-    theirs_dir = prepare_mlx_lm_checkpoint(hf_dir, root, quant, args.reconvert)
 
     rng = np.random.default_rng(args.seed)
     lengths = args.prompt_lengths or default_prompt_lengths(model)
     prompts = {n: mx.array(rng.integers(MIN_TOKEN_ID, text["vocab_size"], n), dtype=mx.int32) for n in lengths}
     decode_prompt = mx.array(rng.integers(MIN_TOKEN_ID, text["vocab_size"], args.decode_prompt_length), dtype=mx.int32)
     expert_fraction = text["top_k_experts"] / text["num_experts"] if text.get("enable_moe_block") else 1.0
-    shared = (prompts, decode_prompt, args.gen_tokens, args.trials, expert_fraction)
 
-    log(f"{model} {quant}: timing mlx_gemma4")
-    ours = measure(lambda: load_mlx_gemma4(ours_dir, args.prefill_step_size), *shared)
-    log(f"{model} {quant}: timing mlx-lm")
-    theirs = measure(lambda: load_mlx_lm(theirs_dir, args.prefill_step_size), *shared)
-
-    # Same weights, same prompt: logits that do not correlate would mean one runtime computes
-    # another model (bf16 rounding alone keeps r near 0.97 on these random weights).
-    ours_logits, theirs_logits = ours.pop("first_prompt_logits"), theirs.pop("first_prompt_logits")
-    check = {
-        "prompt_length": lengths[0],
-        "logits_correlation": float(np.corrcoef(ours_logits, theirs_logits)[0, 1]),
-        "logits_max_abs_diff": float(np.abs(ours_logits - theirs_logits).max()),
-        "same_first_token": bool(ours_logits.argmax() == theirs_logits.argmax()),
+    result = {"model": model, "quant": quant, "prompt_lengths": list(lengths)}
+    runtimes = {
+        "mlx_gemma4": (prepare_mlx_gemma4_checkpoint, load_mlx_gemma4),
+        "mlx_lm": (prepare_mlx_lm_checkpoint, load_mlx_lm),
     }
-    return {"model": model, "quant": quant, "mlx_gemma4": ours, "mlx_lm": theirs, "check": check}
+    for key, (prepare, load) in runtimes.items():
+        log(f"{model} {quant}: {key}")
+        try:
+            path = prepare(hf_dir, root, quant, args.reconvert)
+            load_runtime = partial(load, path, args.prefill_step_size)
+            result[key] = measure(load_runtime, prompts, decode_prompt, args.gen_tokens, args.trials, expert_fraction)
+        except Exception as exc:  # converter, loader or runtime failure: keep the traceback, go on
+            log(traceback.format_exc())
+            result[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        gc.collect()  # drop this runtime's model before the next one loads
+        mx.clear_cache()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,12 +351,14 @@ def log(message: str):
 
 
 def git_commit() -> str:
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def default_bandwidth() -> tuple[float, str]:
@@ -381,26 +386,32 @@ def environment(args) -> dict:
     }
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def summarize(side: dict, bandwidth_gbs: float) -> dict | None:
+    """Medians of one runtime's runs and the derived figures; None when it failed."""
+    if "error" in side:
+        return None
+    median = statistics.median
+    decode = median(side["decode_tok_s"])
+    gbs = side["decode_weight_bytes"] * decode / 1e9
+    return {
+        "prompt_tok_s": {n: n / median(r["prefill_s"]) for n, r in side["prompt"].items()},
+        "ttft_ms": {n: 1e3 * median(r["ttft_s"]) for n, r in side["prompt"].items()},
+        "decode_tok_s": decode,
+        "decode_gbs": gbs,
+        "roofline_pct": 100 * gbs / bandwidth_gbs,
+        "peak_gb": side["peak_memory_bytes"] / 1e9,
+    }
 
 
-def summarize(result: dict, bandwidth_gbs: float) -> dict:
-    """Medians per runtime: prompt tok/s and TTFT per length, decode tok/s, GB/s, roofline %."""
-    out = {}
-    for key in ("mlx_gemma4", "mlx_lm"):
-        side = result[key]
-        decode = median(side["decode_tok_s"])
-        gbs = side["decode_weight_bytes"] * decode / 1e9
-        out[key] = {
-            "prompt_tok_s": {n: n / median(r["prefill_s"]) for n, r in side["prompt"].items()},
-            "ttft_ms": {n: 1e3 * median(r["ttft_s"]) for n, r in side["prompt"].items()},
-            "decode_tok_s": decode,
-            "decode_gbs": gbs,
-            "roofline_pct": 100 * gbs / bandwidth_gbs,
-            "peak_gb": side["peak_memory_bytes"] / 1e9,
-        }
-    return out
+def compared_cells(ours: dict | None, theirs: dict | None, value: Callable[[dict], float], spec: str) -> list[str]:
+    """Ours, mlx-lm and ours / mlx-lm; a failed runtime shows as 'failed'."""
+    a, b = (None if side is None else value(side) for side in (ours, theirs))
+    shown = ["failed" if v is None else format(v, spec) for v in (a, b)]
+    return shown + ["-" if a is None or b is None else f"{a / b:.2f}"]
+
+
+def paired_cell(ours: dict | None, theirs: dict | None, value: Callable[[dict], float], spec: str) -> str:
+    return " / ".join("failed" if side is None else format(value(side), spec) for side in (ours, theirs))
 
 
 def markdown_table(results: list[dict], bandwidth_gbs: float) -> str:
@@ -411,28 +422,16 @@ def markdown_table(results: list[dict], bandwidth_gbs: float) -> str:
     )
     lines = [header, "|" + "---|" * 13]
     for result in results:
-        summary = summarize(result, bandwidth_gbs)
-        ours, theirs = summary["mlx_gemma4"], summary["mlx_lm"]
-        for row, length in enumerate(ours["prompt_tok_s"]):
-            prompt_ours, prompt_theirs = ours["prompt_tok_s"][length], theirs["prompt_tok_s"][length]
-            cells = [
-                result["model"],
-                result["quant"],
-                str(length),
-                f"{prompt_ours:,.0f}",
-                f"{prompt_theirs:,.0f}",
-                f"{prompt_ours / prompt_theirs:.2f}",
-                f"{ours['ttft_ms'][length]:,.1f} / {theirs['ttft_ms'][length]:,.1f}",
-            ]
+        ours, theirs = (summarize(result[key], bandwidth_gbs) for key in ("mlx_gemma4", "mlx_lm"))
+        for row, length in enumerate(result["prompt_lengths"]):
+            cells = [result["model"], result["quant"], str(length)]
+            cells += compared_cells(ours, theirs, lambda s: s["prompt_tok_s"][length], ",.0f")
+            cells.append(paired_cell(ours, theirs, lambda s: s["ttft_ms"][length], ",.1f"))
             if row == 0:  # decode and memory are per model and quant, not per prompt length
-                cells += [
-                    f"{ours['decode_tok_s']:,.1f}",
-                    f"{theirs['decode_tok_s']:,.1f}",
-                    f"{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}",
-                    f"{ours['peak_gb']:.2f} / {theirs['peak_gb']:.2f}",
-                    f"{ours['decode_gbs']:,.1f} / {theirs['decode_gbs']:,.1f}",
-                    f"{ours['roofline_pct']:.1f} / {theirs['roofline_pct']:.1f}",
-                ]
+                cells += compared_cells(ours, theirs, lambda s: s["decode_tok_s"], ",.1f")
+                cells.append(paired_cell(ours, theirs, lambda s: s["peak_gb"], ".2f"))
+                cells.append(paired_cell(ours, theirs, lambda s: s["decode_gbs"], ",.1f"))
+                cells.append(paired_cell(ours, theirs, lambda s: s["roofline_pct"], ".1f"))
             else:
                 cells += [""] * 6
             lines.append("| " + " | ".join(cells) + " |")
@@ -448,18 +447,16 @@ def print_report(env: dict, args, results: list[dict]):
     print(
         f"- random bf16 weights, batch 1, median of {args.trials} trials after a warm-up; prefill step "
         f"{args.prefill_step_size}; decode: {args.gen_tokens} greedy tokens after a "
-        f"{args.decode_prompt_length}-token prompt, EOS ignored; ratio = ours / mlx-lm"
+        f"{args.decode_prompt_length}-token prompt, EOS ignored; ratio = ours / mlx-lm; "
+        f"GB/s counts weight bytes read per decoded token (KV cache excluded)"
     )
     print()
     print(markdown_table(results, env["bandwidth_gbs"]))
-    print()
-    for result in results:
-        check = result["check"]
-        print(
-            f"- check {result['model']} {result['quant']}: last-position logits at p={check['prompt_length']} "
-            f"correlate at r={check['logits_correlation']:.4f} (max |diff| {check['logits_max_abs_diff']:.3g}), "
-            f"same first token: {'yes' if check['same_first_token'] else 'no'}"
-        )
+    failures = [(r, key) for r in results for key in ("mlx_gemma4", "mlx_lm") if "error" in r[key]]
+    if failures:
+        print()
+    for result, key in failures:
+        print(f"- failed: {result['model']} {result['quant']} {key}: {result[key]['error']}")
 
 
 def write_plot(results: list[dict], bandwidth_gbs: float, path: Path):
@@ -473,11 +470,16 @@ def write_plot(results: list[dict], bandwidth_gbs: float, path: Path):
         return
     labels, series = [], {"mlx_gemma4": [], "mlx-lm": [], "roofline (mlx_gemma4 weights)": []}
     for result in results:
-        summary = summarize(result, bandwidth_gbs)
+        ours, theirs = result["mlx_gemma4"], result["mlx_lm"]
+        if "error" in ours or "error" in theirs:
+            continue
         labels.append(f"{result['model']}\n{result['quant']}")
-        series["mlx_gemma4"].append(summary["mlx_gemma4"]["decode_tok_s"])
-        series["mlx-lm"].append(summary["mlx_lm"]["decode_tok_s"])
-        series["roofline (mlx_gemma4 weights)"].append(bandwidth_gbs * 1e9 / result["mlx_gemma4"]["decode_weight_bytes"])
+        series["mlx_gemma4"].append(statistics.median(ours["decode_tok_s"]))
+        series["mlx-lm"].append(statistics.median(theirs["decode_tok_s"]))
+        series["roofline (mlx_gemma4 weights)"].append(bandwidth_gbs * 1e9 / ours["decode_weight_bytes"])
+    if not labels:
+        print(f"- plot: no model ran in both runtimes, {path} not written")
+        return
     positions, width = np.arange(len(labels)), 0.27
     figure, axes = plt.subplots(figsize=(max(6.0, 1.8 * len(labels)), 4.5))
     for offset, (name, values) in enumerate(series.items()):
@@ -490,15 +492,6 @@ def write_plot(results: list[dict], bandwidth_gbs: float, path: Path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"- plot: {path}")
-
-
-def json_ready(value):
-    """Results with int dict keys and numpy scalars made JSON-safe."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_ready(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,15 +521,19 @@ def parse_args(argv=None):
     parser.add_argument("--models", type=comma_list(list(MODELS)), default=["e2b-mini", "26b-a4b-mini"])
     parser.add_argument("--quant", type=comma_list(list(QUANT_BITS)), default=["bf16", "4bit"])
     parser.add_argument(
-        "--prompt-lengths", type=positive_ints, help="prompt tok/s at these lengths (default 128,512 on -mini models, else 128,512,2048)"
+        "--prompt-lengths",
+        type=positive_ints,
+        help="prompt tok/s at these lengths (default 128,512 on -mini models, else 128,512,2048)",
     )
     parser.add_argument("--decode-prompt-length", type=int, default=512, help="prompt length before the timed decode")
     parser.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per decode trial (at least 2)")
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt chunk size, both runtimes (mlx-lm's default)")
-    parser.add_argument("--bandwidth-gbs", type=float, help="roofline memory bandwidth (default: H100 3350 / H200 4800 on CUDA, 50 on CPU)")
+    parser.add_argument("--prefill-step-size", type=int, default=2048, help="prompt chunk size in both runtimes")
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, help="roofline memory bandwidth (default: H100 3350, H200 4800, CPU 50)"
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="checkpoint cache, reused across runs")
-    parser.add_argument("--reconvert", action="store_true", help="convert again for both runtimes (after changing a converter)")
+    parser.add_argument("--reconvert", action="store_true", help="convert again (after a converter change)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the prompts")
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")
@@ -558,7 +555,8 @@ def main(argv=None):
     results = [compare(model, quant, args) for model in args.models for quant in args.quant]
     print_report(env, args, results)
     if args.json:
-        args.json.write_text(json.dumps(json_ready({"environment": env, "args": vars(args), "results": results}), indent=2, default=str))
+        report = {"environment": env, "args": vars(args), "results": results}
+        args.json.write_text(json.dumps(report, indent=2, default=str))  # default=str: Path arguments
         print(f"- raw results: {args.json}")
     if args.plot:
         write_plot(results, env["bandwidth_gbs"], args.plot)
