@@ -26,7 +26,7 @@ def _grow(buffer: mx.array | None, like: mx.array, slots: int) -> mx.array:
 
 
 class _PaddedCache(_BaseCache):
-    def __init__(self, left_padding: list[int] | mx.array | None):
+    def __init__(self, left_padding: list[int] | mx.array | None = None):
         self.keys = self.values = None
         self.offset = 0  # slots written
         self.left_padding = None if left_padding is None else mx.array(left_padding, dtype=mx.int32)
@@ -60,9 +60,6 @@ class _PaddedCache(_BaseCache):
 
 class KVCache(_PaddedCache):
     """Full-attention cache: every token, in order, in buffers that grow by ALLOC_STEP."""
-
-    def __init__(self, left_padding: list[int] | mx.array | None = None):
-        super().__init__(left_padding)
 
     def make_mask(self, length: int) -> mx.array | str | None:
         if self.left_padding is None:
