@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +36,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model, save_config, save_model
 
 import mlx_gemma4
+from mlx_gemma4.convert.write import staged_directory
 from mlx_gemma4.generate import prefill as mlx_gemma4_prefill
 
 from configs import MODELS, default_prompt_lengths  # bench/ is on sys.path when run as a script
@@ -139,9 +139,7 @@ def write_hf_checkpoint(text: dict, directory: Path, seed: int):
     """Write config.json and sharded bf16 safetensors; only a finished directory gets its name."""
     shapes = hf_tensor_shapes(text)
     shards = plan_shards(shapes)
-    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(directory) as staging:
         mx.random.seed(seed)
         weight_map = {}
         for number, names in enumerate(shards, start=1):
@@ -155,10 +153,6 @@ def write_hf_checkpoint(text: dict, directory: Path, seed: int):
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (staging / "config.json").write_text(json.dumps(text, indent=2))
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def model_workdir(workdir: Path, model: str, seed: int) -> Path:
@@ -198,14 +192,9 @@ def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: b
         # mlx_lm.convert minus the tokenizer copy: the random checkpoint has no tokenizer.
         model, config = mlx_lm_load_model(hf_dir, lazy=True)
         model, config = quantize_model(model, config, GROUP_SIZE, bits)
-        staging = root / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
+        with staged_directory(target) as staging:
             save_model(staging, model, donate_model=True)
             save_config(config, staging / "config.json")
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return target
 
 

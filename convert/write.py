@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,6 +33,20 @@ COPIED_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A hidden sibling directory that becomes `target` only if the block completes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 class _ShardWriter:
@@ -98,10 +114,7 @@ def convert(
     checkpoint = read_hf_checkpoint(hf_path)
     config, expected = checkpoint.config, _expected_shapes(checkpoint.config)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_directory(target) as staging:
         writer, seen, module_bits = _ShardWriter(staging), set(), {}
         with tqdm(total=checkpoint.num_tensors, desc="Converting", unit="tensor") as progress:
             for shard in checkpoint.shards:
@@ -142,8 +155,4 @@ def convert(
             if (checkpoint.path / name).is_file():
                 shutil.copy2(checkpoint.path / name, staging / name)
         load_converted(staging)  # strict reload: every tensor present, every shape right
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
