@@ -67,8 +67,10 @@ class KVCache(_PaddedCache):
             return None if length == 1 else "causal"
         end = self.offset + length
         key_slots = mx.arange(end)
+        if length == 1:
+            return self._finish_mask(None, key_slots)
         query_slots = mx.arange(self.offset, end)[:, None]
-        return self._finish_mask(None if length == 1 else key_slots[None, :] <= query_slots, key_slots)
+        return self._finish_mask(key_slots[None, :] <= query_slots, key_slots)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         end = self.offset + keys.shape[2]

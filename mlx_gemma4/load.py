@@ -114,12 +114,16 @@ def load_converted(path: Path) -> Model:
     return model
 
 
-def load_model(path_or_id: str | Path) -> Model:
-    """The model of a converted checkpoint (or hub id), weights loaded and checked."""
-    model = load_converted(resolve_model_path(path_or_id))
+def _ready_to_run(model: Model) -> Model:
+    """Refuse what this back end cannot run, then read every weight in."""
     _check_back_end_can_run(model)
     mx.eval(model.parameters())
     return model
+
+
+def load_model(path_or_id: str | Path) -> Model:
+    """The model of a converted checkpoint (or hub id), weights loaded and checked."""
+    return _ready_to_run(load_converted(resolve_model_path(path_or_id)))
 
 
 def load(path_or_id: str | Path):
@@ -127,7 +131,7 @@ def load(path_or_id: str | Path):
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_id)
-    return load_model(path), Tokenizer.from_dir(path)
+    return _ready_to_run(load_converted(path)), Tokenizer.from_dir(path)
 
 
 from ._callable import make_module_callable  # noqa: E402  (needs `load` defined above)
