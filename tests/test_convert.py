@@ -127,22 +127,18 @@ def corrupt_first_shard(directory):
     shard.write_bytes(shard.read_bytes()[:-100])
 
 
-def drop_a_tensor(directory):
-    from safetensors.numpy import load_file, save_file
+def edit_tensors(change):
+    """Damage that rewrites the single shard after `change(tensors)` edits its dict."""
 
-    shard = directory / "model.safetensors"
-    tensors = load_file(str(shard))
-    tensors.pop("model.layers.1.mlp.up_proj.weight")
-    save_file(tensors, str(shard), metadata={"format": "pt"})
+    def damage(directory):
+        from safetensors.numpy import load_file, save_file
 
+        shard = directory / "model.safetensors"
+        tensors = load_file(str(shard))
+        change(tensors)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
 
-def reshape_a_tensor(directory):
-    from safetensors.numpy import load_file, save_file
-
-    shard = directory / "model.safetensors"
-    tensors = load_file(str(shard))
-    tensors["model.norm.weight"] = np.ones(65, np.float32)
-    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return damage
 
 
 def set_config(text):
@@ -155,8 +151,14 @@ BAD_INPUTS = {
     "unsupported model_type": (set_config('{"model_type": "llama"}'), "model_type 'llama' is not supported"),
     "truncated safetensors": (corrupt_first_shard, "truncated or corrupt"),
     "corrupt header": (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00" + b"x" * 40), "truncated or corrupt"),
-    "missing tensor": (drop_a_tensor, "lacks tensor 'layers.1.mlp.up_proj.weight'"),
-    "wrong shape": (reshape_a_tensor, "has shape (65,)"),
+    "missing tensor": (
+        edit_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "lacks tensor 'layers.1.mlp.up_proj.weight'",
+    ),
+    "wrong shape": (
+        edit_tensors(lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)})),
+        "has shape (65,)",
+    ),
 }
 
 
