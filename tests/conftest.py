@@ -51,7 +51,7 @@ class Checkpoints:
         return mlx_gemma4.load_model(self.converted(name, dtype, quantize_bits))
 
     def vocab_size(self, name: str) -> int:
-        return hf_checkpoints.VARIANTS[name]["text"]["vocab_size"]
+        return hf_checkpoints.variant_spec(name)["text"]["vocab_size"]
 
     def prompt(self, name: str, length: int, seed: int = 0) -> np.ndarray:
         return np.random.RandomState(seed).randint(3, self.vocab_size(name), size=(1, length))

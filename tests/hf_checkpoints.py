@@ -86,6 +86,16 @@ VARIANTS = {
 }
 
 
+# Variants fitted for a few steps to a synthetic Markov chain, so that next-token distributions
+# are peaked the way a real model's are (random weights leave near-ties everywhere).
+TRAINED = {"ple_trained": "ple_shared"}
+TRAIN_STEPS = 150
+
+
+def variant_spec(name: str) -> dict:
+    return VARIANTS[TRAINED.get(name, name)]
+
+
 def _randomize(model, seed: int):
     """Weights large enough that logits spread (std 0.02 leaves near-ties everywhere)."""
     import torch
@@ -107,6 +117,35 @@ def _randomize(model, seed: int):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
+def train_on_markov_chain(model, vocab_size: int, steps: int, seed: int):
+    """Fit `model` to text where each token has three successors with odds 0.7 / 0.2 / 0.1.
+
+    The likeliest successors form one cycle through the vocabulary, so a greedy run visits
+    every token instead of settling into a short loop.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    successors = torch.randint(3, vocab_size, (vocab_size, 3), generator=generator)
+    cycle = 3 + torch.randperm(vocab_size - 3, generator=generator)
+    successors[cycle, 0] = cycle.roll(-1)
+    odds = torch.tensor([0.7, 0.2, 0.1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch, length = 4, 288  # as long as the test's greedy runs: positions beyond training drift
+        choices = torch.multinomial(odds, batch * length, replacement=True, generator=generator).view(batch, length)
+        tokens = torch.empty(batch, length, dtype=torch.long)
+        tokens[:, 0] = torch.randint(3, vocab_size, (batch,), generator=generator)
+        for t in range(1, length):
+            tokens[:, t] = successors[tokens[:, t - 1], choices[:, t]]
+        loss = model(input_ids=tokens, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def build_model(name: str, seed: int = 0):
     """The transformers model for a variant, float32, eval mode."""
     import torch
@@ -119,7 +158,7 @@ def build_model(name: str, seed: int = 0):
         Gemma4VisionConfig,
     )
 
-    spec = VARIANTS[name]
+    spec = variant_spec(name)
     torch.manual_seed(seed)
     text = Gemma4TextConfig(**spec["text"], attn_implementation="eager")
     if spec["layout"] == "conditional":
@@ -138,6 +177,8 @@ def build_model(name: str, seed: int = 0):
         model = Gemma4ForCausalLM(text)
     _randomize(model, seed)
     model.config._attn_implementation = "eager"
+    if name in TRAINED:
+        train_on_markov_chain(model, spec["text"]["vocab_size"], TRAIN_STEPS, seed)
     return model.eval()
 
 
@@ -187,7 +228,7 @@ def write_tokenizer(directory: Path, vocab_size: int):
 
 def write_checkpoint(name: str, directory: Path, seed: int = 0):
     """Save variant `name` as a Hugging Face checkpoint directory; returns the torch model."""
-    spec = VARIANTS[name]
+    spec = variant_spec(name)
     model = build_model(name, seed)
     directory.mkdir(parents=True, exist_ok=True)
     sharded = spec["layout"] == "conditional"

@@ -1,4 +1,4 @@
-"""Packaging: the wheel carries mlx_gemma4.convert and mlx_gemma4.metal and imports from itself."""
+"""Packaging: the wheel carries convert, metal and the chat templates, and imports from itself."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def test_wheel_ships_convert_and_metal_and_imports(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
         "import mlx_gemma4, mlx_gemma4.convert.mapping as m, mlx_gemma4.load as l; "
-        "print(mlx_gemma4.__file__); print(callable(mlx_gemma4.convert) and callable(l))"
+        "from mlx_gemma4.prompt import bundled_template; "
+        "print(mlx_gemma4.__file__); print(callable(mlx_gemma4.convert) and callable(l) and "
+        "'<|turn>' in bundled_template(large=True) + bundled_template(large=False))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site)}
