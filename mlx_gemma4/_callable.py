@@ -1,7 +1,7 @@
 """Modules that are also the function they are named after.
 
-The public API names `mlx_gemma4.convert(...)` and `mlx_gemma4.load(...)` are functions, while
-`mlx_gemma4.convert` and `mlx_gemma4.load` are also modules; a plain function would shadow the
+The public API names `mlx_gemma4.convert(...)`, `mlx_gemma4.load(...)` and
+`mlx_gemma4.generate(...)` are functions, while those names are also modules; a plain function would shadow the
 module and break `import mlx_gemma4.convert.mapping as m`. Calling the module calls the function.
 """
 

@@ -11,8 +11,15 @@ Masks are boolean [B or 1, 1, L, S] arrays, the string "causal", or None (attend
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
+
+from .errors import Gemma4Error
 
 ALLOC_STEP = 256  # slots added per growth; amortises the copy when a buffer grows
 DEFAULT_SLIDING_HEADROOM = 256  # extra ring slots: how far back a wrapped sliding cache can trim
@@ -82,6 +89,9 @@ class KVCache(_PaddedCache):
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def trimmable(self) -> int:
+        return self.offset
+
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
@@ -92,6 +102,24 @@ class KVCache(_PaddedCache):
         if self.keys is None:
             return []
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def snapshot(self) -> int:
+        # Writes only ever land at or past `offset`, so the offset alone marks this point.
+        return self.offset
+
+    def restore(self, snapshot: int):
+        self.offset = snapshot
+
+    def to_saved(self) -> tuple[dict, dict]:
+        arrays = dict(zip(("keys", "values"), self.state))
+        return arrays, {"kind": "full", "offset": self.offset}
+
+    @classmethod
+    def from_saved(cls, arrays: dict, meta: dict, left_padding=None) -> "KVCache":
+        cache = cls(left_padding)
+        if arrays:
+            cache.keys, cache.values, cache.offset = arrays["keys"], arrays["values"], meta["offset"]
+        return cache
 
 
 class SlidingKVCache(_PaddedCache):
@@ -202,3 +230,132 @@ class SlidingKVCache(_PaddedCache):
     @property
     def state(self):
         return [] if self.keys is None else (self.keys, self.values)
+
+    def snapshot(self) -> tuple:
+        # New array handles: later writes into the ring copy the buffers once instead of
+        # overwriting what the snapshot holds.
+        buffers = () if self.keys is None else (mx.array(self.keys), mx.array(self.values))
+        return buffers, self.offset, self.lowest
+
+    def restore(self, snapshot: tuple):
+        buffers, self.offset, self.lowest = snapshot
+        self.keys, self.values = buffers if buffers else (None, None)
+
+    def to_saved(self) -> tuple[dict, dict]:
+        arrays = dict(zip(("keys", "values"), self.state))
+        meta = {"kind": "sliding", "offset": self.offset, "lowest": self.lowest}
+        return arrays, {**meta, "window": self.window, "capacity": self.capacity}
+
+    @classmethod
+    def from_saved(cls, arrays: dict, meta: dict, left_padding=None) -> "SlidingKVCache":
+        cache = cls(meta["window"], meta["capacity"] - meta["window"], left_padding)
+        if arrays:
+            cache.keys, cache.values = arrays["keys"], arrays["values"]
+            cache.offset, cache.lowest = meta["offset"], meta["lowest"]
+        return cache
+
+
+PROMPT_CACHE_FORMAT = "mlx_gemma4.prompt_cache"
+PROMPT_CACHE_VERSION = 1
+_CACHE_KINDS = {"full": KVCache, "sliding": SlidingKVCache}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCache:
+    """One conversation's KV caches and the tokens they hold, reused from turn to turn.
+
+    A new prompt keeps the longest prefix the caches share with it and computes only the rest.
+    Rewinding a wrapped sliding ring reaches back only `headroom` tokens, and the chat template
+    drops a reply's thoughts from the history, so each turn also keeps a snapshot of the caches
+    at the point where the next turn's prompt will part from this one.
+    """
+
+    def __init__(self, model, caches: list | None = None, tokens: list[int] | None = None):
+        self.model = model
+        self.caches = model.make_cache() if caches is None else caches
+        self.tokens = list(tokens or [])  # tokens fed so far; the caches hold the first `offset`
+        self._snapshot: tuple[int, list] | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    def held_tokens(self) -> list[int]:
+        return self.tokens[: self.offset]
+
+    def reuse(self, prompt: list[int]) -> int:
+        """Rewind to the longest prefix of `prompt` the caches can keep; returns its length.
+
+        At least the last prompt token is always left to compute: it yields the next logits.
+        """
+        held = self.held_tokens()
+        keep = min(_common_prefix(held, prompt), len(prompt) - 1)
+        drop = len(held) - keep
+        if drop and all(c.trimmable() >= drop for c in self.caches):
+            for c in self.caches:
+                c.trim(drop)
+        elif drop and self._snapshot is not None and self._snapshot[0] <= keep:
+            keep, states = self._snapshot
+            for c, state in zip(self.caches, states):
+                c.restore(state)
+        elif drop:
+            keep, self.caches = 0, self.model.make_cache()
+        if self._snapshot is not None and self._snapshot[0] > keep:
+            self._snapshot = None  # the slots it relied on are about to be rewritten
+        self.tokens = list(prompt[:keep])
+        return keep
+
+    def take_snapshot(self):
+        """Remember the caches as they are now, for `reuse` to return to."""
+        self._snapshot = (self.offset, [c.snapshot() for c in self.caches])
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None):
+        """Write caches and tokens to one safetensors file (atomically; no snapshot)."""
+        arrays, metas = {}, []
+        for i, c in enumerate(self.caches):
+            state, meta = c.to_saved()
+            arrays.update({f"{i}.{name}": value for name, value in state.items()})
+            metas.append(meta)
+        header = {
+            "format": PROMPT_CACHE_FORMAT,
+            "version": str(PROMPT_CACHE_VERSION),
+            "model": model_fingerprint(self.model),
+            "tokens": json.dumps(self.held_tokens()),
+            "caches": json.dumps(metas),
+            **(metadata or {}),
+        }
+        path = Path(path)
+        staging = path.with_name(path.name + ".partial.safetensors")
+        mx.save_safetensors(str(staging), arrays, metadata=header)
+        os.replace(staging, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model) -> tuple["PromptCache", dict[str, str]]:
+        """Read a saved prompt cache for `model`; returns it and the file's metadata."""
+        try:
+            arrays, header = mx.load(str(path), return_metadata=True)
+        except Exception as exc:
+            raise Gemma4Error(f"cannot read prompt cache {path}: {exc}") from None
+        if header.get("format") != PROMPT_CACHE_FORMAT or header.get("version") != str(PROMPT_CACHE_VERSION):
+            raise Gemma4Error(f"{path} is not a mlx_gemma4 prompt cache (version {PROMPT_CACHE_VERSION})")
+        if header.get("model") != model_fingerprint(model):
+            raise Gemma4Error(f"{path} was saved for a different model; it cannot be reused with this one")
+        caches = []
+        for i, meta in enumerate(json.loads(header["caches"])):
+            state = {name: arrays[f"{i}.{name}"] for name in ("keys", "values") if f"{i}.{name}" in arrays}
+            caches.append(_CACHE_KINDS[meta["kind"]].from_saved(state, meta))
+        return cls(model, caches, json.loads(header["tokens"])), header
+
+
+def model_fingerprint(model) -> str:
+    """Identifies the layer geometry a cache was built for (not the weights)."""
+    table = json.dumps(model.config.to_dict(), sort_keys=True)
+    return hashlib.sha256(table.encode()).hexdigest()[:16]

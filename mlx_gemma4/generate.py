@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
+from .cache import PromptCache
+from .channels import ChannelParser, Event
+from .errors import Gemma4Error
 from .model import Model
+from .sampling import SamplingOptions
 
 # <eos>, <turn|> and <|tool_response>: a turn ends on any of them (reference section 3.2).
 DEFAULT_STOP_IDS = (1, 106, 50)
@@ -27,6 +32,59 @@ def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.a
     return model(prompt[:, -1:], cache)[:, -1]
 
 
+def prefill_only(model: Model, prompt: mx.array, cache: list, step_size: int):
+    """Write all of `prompt` [B, L] into `cache`, in chunks of `step_size`, computing no logits."""
+    for start in range(0, prompt.shape[1], step_size):
+        model.prefill(prompt[:, start : start + step_size], cache)
+        mx.eval([c.state for c in cache])
+
+
+def _token_stream(
+    model: Model,
+    new_ids: list[int],
+    cache: list,
+    *,
+    context: list[int],
+    options: SamplingOptions,
+    max_tokens: int,
+    stops: set[int],
+    prefill_step_size: int,
+) -> Iterator[int]:
+    """Feed `new_ids` after `context` (already in `cache`), then yield sampled tokens."""
+    if max_tokens <= 0:
+        return
+    sampler, processors = options.sampler(), options.logits_processors()
+    history = mx.array(context + new_ids, dtype=mx.int32) if processors else None
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+
+    def sample(logits: mx.array) -> mx.array:
+        nonlocal history
+        for process in processors:
+            logits = process(history, logits)
+        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if processors:
+            history = mx.concatenate([history, token])
+        return token
+
+    token = sample(prefill(model, mx.array(new_ids, dtype=mx.int32)[None], cache, prefill_step_size))
+    mx.async_eval(token)
+    for produced in range(1, max_tokens + 1):
+        if produced < max_tokens:  # queue the next step before reading this token back
+            next_token = sample(model(token[:, None], cache)[:, -1])
+            mx.async_eval(next_token)
+        value = token.item()
+        yield value
+        if value in stops or produced == max_tokens:
+            return
+        token = next_token
+
+
+def stop_ids_for(model: Model, stop_ids: Sequence[int] | None) -> set[int]:
+    """`None`: <eos>, <turn|>, <|tool_response> and the config's eos ids; else exactly `stop_ids`."""
+    return set(DEFAULT_STOP_IDS) | set(model.config.eos_token_ids) if stop_ids is None else set(stop_ids)
+
+
 def generate_tokens(
     model: Model,
     prompt_ids: Sequence[int] | mx.array,
@@ -35,6 +93,8 @@ def generate_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
     prefill_step_size: int = 512,
     stop_ids: Sequence[int] | None = None,
@@ -50,25 +110,190 @@ def generate_tokens(
         raise ValueError("prompt_ids must be a non-empty 1-D sequence of token ids")
     if max_tokens < 0:
         raise ValueError("max_tokens must be >= 0")
-    stops = set(DEFAULT_STOP_IDS) | set(model.config.eos_token_ids) if stop_ids is None else set(stop_ids)
-    sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
-    if seed is not None:
-        mx.random.seed(seed)
-    cache = model.make_cache() if cache is None else cache
+    options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
+    yield from _token_stream(
+        model,
+        prompt.tolist(),
+        model.make_cache() if cache is None else cache,
+        context=[],
+        options=options,
+        max_tokens=max_tokens,
+        stops=stop_ids_for(model, stop_ids),
+        prefill_step_size=prefill_step_size,
+    )
 
-    def sample(logits: mx.array) -> mx.array:
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
-    if max_tokens == 0:
-        return
-    token = sample(prefill(model, prompt[None], cache, prefill_step_size))
-    mx.async_eval(token)
-    for produced in range(1, max_tokens + 1):
-        if produced < max_tokens:  # queue the next step before reading this token back
-            next_token = sample(model(token[:, None], cache)[:, -1])
-            mx.async_eval(next_token)
-        value = token.item()
-        yield value
-        if value in stops or produced == max_tokens:
-            return
-        token = next_token
+class _StopStrings:
+    """Cuts streamed text at the first user stop string, holding back a possible partial one."""
+
+    def __init__(self, stop_strings: Sequence[str]):
+        self.stops = [s for s in stop_strings if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string ended the reply."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def close(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Stats:
+    """How one reply went. `reused_tokens` prompt tokens came from the prompt cache."""
+
+    prompt_tokens: int
+    reused_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    time_to_first_token: float
+    peak_memory_gb: float
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    channel: str = "stats"
+
+
+@dataclass
+class Reply:
+    answer: str
+    thought: str
+    tool_calls: list[Event] = field(default_factory=list)
+    stats: Stats | None = None
+
+
+def _prompt_ids(tokenizer, messages_or_prompt, tools, enable_thinking) -> tuple[list[int], int]:
+    """Prompt ids, and where the next turn's prompt will part from them (a snapshot point)."""
+    if isinstance(messages_or_prompt, mx.array):
+        messages_or_prompt = messages_or_prompt.tolist()
+    if isinstance(messages_or_prompt, (list, tuple)) and all(isinstance(t, int) for t in messages_or_prompt):
+        ids = list(messages_or_prompt)
+        return ids, len(ids)
+    messages = messages_or_prompt
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    render = dict(tools=tools, enable_thinking=enable_thinking)
+    ids = tokenizer.apply_chat_template(messages, **render)
+    # The template drops a reply's thoughts from history: the next prompt matches this one
+    # only up to where the reply's history form starts.
+    history = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": "."}], add_generation_prompt=False, **render
+    )
+    parting = 0
+    while parting < min(len(ids), len(history)) and ids[parting] == history[parting]:
+        parting += 1
+    return ids, parting
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    messages_or_prompt,
+    *,
+    max_tokens: int = 2048,
+    enable_thinking: bool = False,
+    tools: list[dict] | None = None,
+    stop_strings: Sequence[str] = (),
+    stop_ids: Sequence[int] | None = None,
+    prompt_cache: PromptCache | None = None,
+    prefill_step_size: int = 512,
+    **sampling,
+) -> Iterator[Event | Stats]:
+    """Yield the reply as channel events (thought / answer / tool_call), then one `Stats`.
+
+    `messages_or_prompt`: chat messages, a user message as a string, or token ids used as is.
+    `sampling`: temperature, top_p, top_k, min_p, repetition_penalty, seed (greedy by default).
+    Pass the same `prompt_cache` on every turn of a conversation to compute only new tokens.
+    """
+    options = SamplingOptions(**sampling)
+    ids, parting = _prompt_ids(tokenizer, messages_or_prompt, tools, enable_thinking)
+    context = model.config.max_position_embeddings
+    if not ids:
+        raise Gemma4Error("the prompt is empty")
+    if len(ids) >= context:
+        raise Gemma4Error(f"the prompt is {len(ids)} tokens; this model's context is {context}")
+    max_tokens = min(max_tokens, context - len(ids))
+    keeper = PromptCache(model) if prompt_cache is None else prompt_cache
+
+    stops = stop_ids_for(model, stop_ids)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    reused = first = keeper.reuse(ids)
+    snapshot_at = min(parting, len(ids) - 1)
+    if prompt_cache is not None and snapshot_at > reused:
+        prefill_only(model, mx.array(ids[reused:snapshot_at], dtype=mx.int32)[None], keeper.caches, prefill_step_size)
+        keeper.take_snapshot()
+        first = snapshot_at
+    tokens = _token_stream(
+        model,
+        ids[first:],
+        keeper.caches,
+        context=ids[:first],
+        options=options,
+        max_tokens=max_tokens,
+        stops=stops,
+        prefill_step_size=prefill_step_size,
+    )
+    detokenizer, parser, stopper = tokenizer.detokenizer(), ChannelParser(), _StopStrings(stop_strings)
+    generated, finish, first_token_at = [], "length", None
+    try:
+        for token in tokens:
+            first_token_at = first_token_at or time.perf_counter()
+            generated.append(token)
+            if token in stops:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            text, stopped = stopper.feed(detokenizer.last_segment)
+            yield from parser.feed(text)
+            if stopped:
+                finish = "stop"
+                break
+        detokenizer.finalize()
+        text, stopped = stopper.feed(detokenizer.last_segment)
+        if stopped:
+            finish = "stop"
+        yield from parser.feed(text + ("" if stopped else stopper.close()))
+        yield from parser.close()
+    finally:
+        tokens.close()
+        keeper.tokens = ids + generated
+    end = time.perf_counter()
+    first_token_at = first_token_at or end
+    yield Stats(
+        prompt_tokens=len(ids),
+        reused_tokens=reused,
+        prompt_tps=(len(ids) - reused) / max(first_token_at - start, 1e-9),
+        generation_tokens=len(generated),
+        generation_tps=(len(generated) - 1) / (end - first_token_at) if len(generated) > 1 else 0.0,
+        time_to_first_token=first_token_at - start,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        finish_reason=finish,
+    )
+
+
+def generate(model: Model, tokenizer, messages_or_prompt, **options) -> Reply:
+    """The whole reply of `stream_generate` (same arguments): answer, thought, tool calls, stats."""
+    reply = Reply(answer="", thought="")
+    for item in stream_generate(model, tokenizer, messages_or_prompt, **options):
+        if isinstance(item, Stats):
+            reply.stats = item
+        elif item.channel == "tool_call":
+            reply.tool_calls.append(item)
+        elif item.channel == "thought":
+            reply.thought += item.text
+        else:
+            reply.answer += item.text
+    return reply
+
+
+from ._callable import make_module_callable  # noqa: E402  (needs `generate` defined above)
+
+make_module_callable(__name__, "generate")

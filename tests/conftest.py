@@ -60,3 +60,22 @@ class Checkpoints:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> Checkpoints:
     return Checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory) -> Path:
+    """The converted (float32) tiny chat checkpoint, trained on chat_model.SCRIPT."""
+    import chat_model
+
+    import mlx_gemma4
+
+    root = tmp_path_factory.mktemp("chat")
+    return mlx_gemma4.convert(chat_model.write_chat_checkpoint(root / "hf"), root / "mlx", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def chat(chat_dir):
+    """(model, tokenizer) of the chat checkpoint."""
+    import mlx_gemma4
+
+    return mlx_gemma4.load(chat_dir)

@@ -71,3 +71,16 @@ def test_chunk_size_does_not_change_tokens(model, prompt):
     whole = list(generate_tokens(model, prompt, max_tokens=8, stop_ids=[]))
     assert list(generate_tokens(model, prompt, max_tokens=8, stop_ids=[], prefill_step_size=5)) == whole
     assert mx.array(whole).dtype == mx.int32
+
+
+def test_min_p_near_one_is_greedy(model, prompt):
+    greedy = list(generate_tokens(model, prompt, max_tokens=12, stop_ids=[]))
+    sampled = list(generate_tokens(model, prompt, max_tokens=12, temperature=1.0, min_p=0.999, seed=1, stop_ids=[]))
+    assert sampled == greedy
+
+
+def test_repetition_penalty_stops_greedy_loops(model, prompt):
+    greedy = list(generate_tokens(model, prompt, max_tokens=40, stop_ids=[]))
+    assert len(set(greedy)) < len(greedy)  # random weights settle into a loop
+    penalised = list(generate_tokens(model, prompt, max_tokens=40, repetition_penalty=1e4, stop_ids=[]))
+    assert len(set(penalised)) == len(penalised)
