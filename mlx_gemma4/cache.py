@@ -255,6 +255,53 @@ class SlidingKVCache(_PaddedCache):
         return cache
 
 
+class StepView:
+    """A cache as one compiled single-token step sees it.
+
+    Buffers keep a fixed shape and the position is an array, so one traced graph serves every
+    step: the new K/V go in with `slice_update` at the array position, and the mask is computed
+    from it. The slot layout is the caches' own, so results are written straight back.
+    """
+
+    def __init__(self, cache: _PaddedCache, keys: mx.array, values: mx.array, position: mx.array, lowest: mx.array):
+        self.keys, self.values, self.position, self.lowest = keys, values, position, lowest
+        self.capacity = getattr(cache, "capacity", None)  # a ring for sliding layers
+        self.window = getattr(cache, "window", None)
+
+    @staticmethod
+    def prepare(cache: _PaddedCache):
+        """Give a filled `cache` room for one more token; sliding rings go to full capacity at once."""
+        if isinstance(cache, SlidingKVCache):
+            slots = cache.capacity  # slot p % capacity holds position p, also while the ring grows
+        else:
+            slots = -(-(cache.offset + 1) // ALLOC_STEP) * ALLOC_STEP
+        if slots > cache.keys.shape[2]:
+            cache.keys, cache.values = _grow(cache.keys, cache.keys, slots), _grow(cache.values, cache.values, slots)
+
+    @staticmethod
+    def commit(cache: _PaddedCache, keys: mx.array, values: mx.array):
+        cache.keys, cache.values = keys, values
+        cache.offset += 1
+        if isinstance(cache, SlidingKVCache):
+            cache.lowest = max(cache.lowest, cache.offset - cache.capacity)
+
+    def rope_offset(self) -> mx.array:
+        return self.position
+
+    def make_mask(self, length: int) -> mx.array:
+        slots = mx.arange(self.keys.shape[2])
+        if self.capacity is None:
+            return (slots <= self.position)[None, None, None, :]
+        held = self.position - mx.remainder(self.position - slots, self.capacity)  # position in each slot
+        return ((held >= self.lowest) & (held > self.position - self.window))[None, None, None, :]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        slot = self.position if self.capacity is None else mx.remainder(self.position, self.capacity)
+        self.keys = mx.slice_update(self.keys, keys, slot, axes=(2,))
+        self.values = mx.slice_update(self.values, values, slot, axes=(2,))
+        return self.keys, self.values
+
+
 PROMPT_CACHE_FORMAT = "mlx_gemma4.prompt_cache"
 PROMPT_CACHE_VERSION = 1
 _CACHE_KINDS = {"full": KVCache, "sliding": SlidingKVCache}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import PromptCache
+from .cache import PromptCache, StepView
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
 from .model import Model
@@ -37,6 +37,48 @@ def prefill_only(model: Model, prompt: mx.array, cache: list, step_size: int):
     for start in range(0, prompt.shape[1], step_size):
         model.prefill(prompt[:, start : start + step_size], cache)
         mx.eval([c.state for c in cache])
+
+
+class CompiledDecode:
+    """Single-token decode steps through one `mx.compile`d graph per buffer size.
+
+    Decode is bound by per-operation overhead, not bytes: compiling the whole step fuses the
+    elementwise work and replays the graph without Python. Buffers grow outside the graph
+    (a retrace every ALLOC_STEP tokens on full-attention caches); positions are arrays.
+    """
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._cache: list = []  # the caches being traced; their kinds and windows shape the graph
+        self._step = mx.compile(self._traced)
+
+    @staticmethod
+    def for_model(model: Model) -> "CompiledDecode":
+        if not isinstance(getattr(model, "_compiled_decode", None), CompiledDecode):
+            model._compiled_decode = CompiledDecode(model)
+        return model._compiled_decode
+
+    @staticmethod
+    def applies_to(cache: list) -> bool:
+        return all(c.left_padding is None for c in cache)  # per-row positions take the plain path
+
+    def _traced(self, token, position, lowest, buffers):
+        views = [StepView(c, keys, values, position, lowest) for c, (keys, values) in zip(self._cache, buffers)]
+        logits = self.model(token, views)[:, -1]
+        return logits, [(v.keys, v.values) for v in views]
+
+    def __call__(self, token: mx.array, cache: list) -> mx.array:
+        """Logits [1, vocab] for `token` [1, 1]; advances `cache` (already prefilled) by one."""
+        for c in cache:
+            StepView.prepare(c)
+        self._cache = cache
+        position = mx.array([cache[0].offset], dtype=mx.int32)
+        # Every sliding cache sees the same writes, so one `lowest` serves them all.
+        lowest = mx.array([max(getattr(c, "lowest", 0) for c in cache)], dtype=mx.int32)
+        logits, buffers = self._step(token, position, lowest, [(c.keys, c.values) for c in cache])
+        for c, (keys, values) in zip(cache, buffers):
+            StepView.commit(c, keys, values)
+        return logits
 
 
 def _token_stream(
@@ -69,9 +111,10 @@ def _token_stream(
 
     token = sample(prefill(model, mx.array(new_ids, dtype=mx.int32)[None], cache, prefill_step_size))
     mx.async_eval(token)
+    step = CompiledDecode.for_model(model) if CompiledDecode.applies_to(cache) else lambda t, c: model(t, c)[:, -1]
     for produced in range(1, max_tokens + 1):
         if produced < max_tokens:  # queue the next step before reading this token back
-            next_token = sample(model(token[:, None], cache)[:, -1])
+            next_token = sample(step(token[:, None], cache))
             mx.async_eval(next_token)
         value = token.item()
         yield value

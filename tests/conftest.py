@@ -16,9 +16,6 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import hf_checkpoints  # noqa: E402
 
-VARIANT_NAMES = list(hf_checkpoints.VARIANTS)
-
-
 class Checkpoints:
     """Builds each variant once: the HF directory, its torch model and its conversions."""
 

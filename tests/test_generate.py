@@ -84,3 +84,28 @@ def test_repetition_penalty_stops_greedy_loops(model, prompt):
     assert len(set(greedy)) < len(greedy)  # random weights settle into a loop
     penalised = list(generate_tokens(model, prompt, max_tokens=40, repetition_penalty=1e4, stop_ids=[]))
     assert len(set(penalised)) == len(penalised)
+
+
+@pytest.mark.parametrize("headroom", [3, 256])
+def test_compiled_decode_step_equals_the_plain_step(checkpoints, headroom):
+    """Past a full-cache growth (256 slots) and many ring wraps, the compiled step gives the
+    plain step's logits and leaves the caches in the same state."""
+    import numpy as np
+
+    from mlx_gemma4.generate import CompiledDecode, prefill
+
+    model = checkpoints.model("ple_shared")
+    prompt = mx.array(checkpoints.prompt("ple_shared", 9, seed=30))
+    plain, compiled = model.make_cache(sliding_headroom=headroom), model.make_cache(sliding_headroom=headroom)
+    prefill(model, prompt, plain, 4)
+    prefill(model, prompt, compiled, 4)
+    step = CompiledDecode.for_model(model)
+    worst = 0.0
+    for token in np.random.RandomState(0).randint(3, 256, size=260).tolist():
+        expected = model(mx.array([[token]]), plain)[:, -1]
+        worst = max(worst, mx.abs(step(mx.array([[token]]), compiled) - expected).max().item())
+    assert worst <= 1e-4
+    assert [c.offset for c in compiled] == [c.offset for c in plain]
+    # The caches stay usable by the plain path (prompt reuse, trimming, prefill of a next turn).
+    follow = mx.array([[5, 6, 7]])
+    assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4

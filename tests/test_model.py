@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import VARIANT_NAMES
+from hf_checkpoints import VARIANTS
 from hf_checkpoints import WINDOW
 
 from mlx_gemma4 import generate_tokens
@@ -21,7 +21,7 @@ def reference_logits(checkpoints, name: str, ids: np.ndarray) -> np.ndarray:
         return checkpoints.torch_model(name)(torch.tensor(ids)).logits.numpy()
 
 
-@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_without_cache_match_transformers(checkpoints, name):
     ids = checkpoints.prompt(name, PROMPT)
     ours = np.array(checkpoints.model(name)(mx.array(ids)))
@@ -29,7 +29,7 @@ def test_logits_without_cache_match_transformers(checkpoints, name):
     assert np.abs(ours - reference_logits(checkpoints, name, ids)).max() <= LOGIT_TOLERANCE
 
 
-@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_cached_prefill_then_single_token_steps_match(checkpoints, name):
     ids = checkpoints.prompt(name, PROMPT, seed=1)
     model = checkpoints.model(name)
@@ -41,7 +41,7 @@ def test_cached_prefill_then_single_token_steps_match(checkpoints, name):
     assert np.abs(ours - reference_logits(checkpoints, name, ids)).max() <= LOGIT_TOLERANCE
 
 
-@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("chunk", [4, WINDOW + 3])  # chunks shorter and longer than the window
 def test_chunked_prefill_matches(checkpoints, name, chunk):
     ids = checkpoints.prompt(name, PROMPT, seed=2)
@@ -56,7 +56,7 @@ def test_chunked_prefill_matches(checkpoints, name, chunk):
         assert np.abs(step - reference[:, t]).max() <= LOGIT_TOLERANCE
 
 
-@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_greedy_generation_matches_transformers_generate(checkpoints, name):
     ids = checkpoints.prompt(name, 11, seed=3)
     hf_model = checkpoints.torch_model(name)
@@ -69,7 +69,7 @@ def test_greedy_generation_matches_transformers_generate(checkpoints, name):
     assert ours == expected
 
 
-@pytest.mark.parametrize("name", VARIANT_NAMES)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_left_padded_batch_matches_rows_run_alone(checkpoints, name):
     model = checkpoints.model(name)
     long, short = checkpoints.prompt(name, 15, seed=4)[0], checkpoints.prompt(name, 9, seed=5)[0]
