@@ -15,6 +15,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
+from .kernels import MAX_DECODE_QUERIES, KernelSet, select_kernels
 from .rope import LayerRoPE
 
 
@@ -42,8 +43,9 @@ def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: LayerConfig, index: int):
+    def __init__(self, config: ModelConfig, layer: LayerConfig, index: int, ops: KernelSet):
         super().__init__()
+        self.ops = ops  # custom kernels or their MLX twins, fixed at build (mlx_gemma4.kernels)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = layer.num_kv_heads
         self.head_dim = layer.head_dim
@@ -58,22 +60,27 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rope = LayerRoPE(layer.rope, layer.head_dim)
+        self.decode_attention = ops.sliding_decode_attention if layer.is_sliding else ops.full_decode_attention
 
     def __call__(self, x, mask, rope_offset, cache=None, shared_kv=None):
         B, L, _ = x.shape
-        queries = self.q_norm(self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim))
-        queries = self.rope(queries.transpose(0, 2, 1, 3), rope_offset)
+        rope_norm = self.ops.rope_norm  # norm over head_dim, [B, L, H, D] -> [B, H, L, D], rotate
+        queries = rope_norm(self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim),
+                            self.q_norm.weight, rope_offset, self.rope, self.eps)
         if shared_kv is not None:
             keys, values = shared_kv
         else:
             raw_keys = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
             # attention_k_eq_v: V is the PRE-norm k_proj output (modular_gemma4 "alternative attention").
             raw_values = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim) if "v_proj" in self else raw_keys
-            keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), rope_offset)
-            values = rms_norm_no_scale(raw_values, self.eps).transpose(0, 2, 1, 3)
+            keys = rope_norm(raw_keys, self.k_norm.weight, rope_offset, self.rope, self.eps)
+            values = rope_norm(raw_values, None, rope_offset, None, self.eps)  # v_norm: no scale, no RoPE
             keys, values = cache.update_and_fetch(keys, values)
         # scale 1.0: q_norm / k_norm replace the 1/sqrt(head_dim) factor (Gemma4TextAttention.scaling).
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        if L <= MAX_DECODE_QUERIES:  # decode / verify: a shape, fixed per traced step, not data
+            out = self.decode_attention(queries, keys, values, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
 
 
@@ -110,11 +117,13 @@ class Router(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int, ops: KernelSet):
         super().__init__()
         layer = config.layers[index]
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        self.self_attn = Attention(config, layer, index)
+        self.eps = eps
+        self.ops = ops
+        self.self_attn = Attention(config, layer, index, ops)
         self.mlp = MLP(hidden, layer.intermediate_size)
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
@@ -133,8 +142,9 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def __call__(self, h, mask, rope_offset, cache=None, shared_kv=None, per_layer_input=None):
+        norm_residual = self.ops.norm_residual  # (residual + RMSNorm(x) * w) * scale, one pass
         attn, kv = self.self_attn(self.input_layernorm(h), mask, rope_offset, cache, shared_kv)
-        h = h + self.post_attention_layernorm(attn)
+        h = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps)
 
         residual = h
         m = self.mlp(self.pre_feedforward_layernorm(h))
@@ -144,13 +154,13 @@ class DecoderLayer(nn.Module):
             experts = self.experts(self.pre_feedforward_layernorm_2(residual), indices)
             experts = (experts * weights[..., None].astype(experts.dtype)).sum(axis=-2)
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(experts)
-        h = residual + self.post_feedforward_layernorm(m)
-
-        if per_layer_input is not None:
-            gate = gelu_gate(self.per_layer_input_gate(h), per_layer_input)
-            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
-        return h * self.layer_scalar, kv
+        if per_layer_input is None:
+            return norm_residual(m, self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps), kv
+        h = norm_residual(m, self.post_feedforward_layernorm.weight, residual, None, self.eps)
+        gate = gelu_gate(self.per_layer_input_gate(h), per_layer_input)
+        projected = self.per_layer_projection(gate)
+        return norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps), kv
 
 
 def _expert_glu(up: mx.array, gate: mx.array) -> mx.array:
@@ -160,12 +170,15 @@ def _expert_glu(up: mx.array, gate: mx.array) -> mx.array:
 class Model(nn.Module):
     """Gemma 4 causal LM: `model(ids[B, L]) -> logits[B, L, vocab]`, softcapped."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: bool | None = None):
+        """`kernels`: custom GPU kernels (True) or their MLX twins (False); None picks kernels
+        where MLX has a GPU back end and MLX_GEMMA4_KERNELS is not "0". Fixed for the model's life."""
         super().__init__()
         self.config = config
+        self.ops = select_kernels(kernels)
         hidden = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
-        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.layers = [DecoderLayer(config, i, self.ops) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
@@ -203,11 +216,12 @@ class Model(nn.Module):
         if not ple:
             return None
         shape = (*inputs.shape, self.config.num_hidden_layers, ple)
-        tokens = self.embed_tokens_per_layer(inputs)
-        tokens = (tokens * mx.array(math.sqrt(ple), dtype=tokens.dtype)).reshape(shape)
-        context = self.per_layer_model_projection(h) * mx.array(self.config.hidden_size**-0.5, dtype=h.dtype)
-        context = self.per_layer_projection_norm(context.reshape(shape))
-        return (context + tokens) * mx.array(2.0**-0.5, dtype=h.dtype)  # mix two unit-scale signals
+        tokens = self.embed_tokens_per_layer(inputs).reshape(shape)
+        context = self.per_layer_model_projection(h).reshape(shape)
+        # (RMSNorm(context * hidden^-0.5) * w + tokens * sqrt(P)) * 2^-0.5: see kernels/ple_inputs.py
+        return self.ops.ple_inputs(
+            tokens, context, self.per_layer_projection_norm.weight, self.config.hidden_size, self.config.rms_norm_eps
+        )
 
     def _logits(self, h: mx.array) -> mx.array:
         h = self.norm(h)

@@ -8,6 +8,7 @@ scheme rotates only the first `rotated_dims/2` pairs, with exponents over the FU
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from .config import RopeConfig
 
@@ -26,6 +27,12 @@ class LayerRoPE:
             rotated = rope.factor * mx.power(mx.array(rope.theta, mx.float32), exponents)
             still = mx.full((head_dim // 2 - pairs,), mx.inf, dtype=mx.float32)
             self.base, self.periods = None, mx.concatenate([rotated, still])
+        # The same angles for the fused rope_norm kernel: inv_freq per pair (0 = pass-through),
+        # computed in float64 and rounded once.
+        exponents64 = np.arange(0, 2 * pairs, 2, dtype=np.float64) / head_dim
+        inv_freq = np.zeros(head_dim // 2, dtype=np.float64)
+        inv_freq[:pairs] = 1.0 / (rope.factor * np.power(float(rope.theta), exponents64))
+        self.inv_freq = mx.array(inv_freq.astype(np.float32))
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(

@@ -1,1 +1,59 @@
-"""One wrapper per custom kernel, each with its pure-MLX twin `<name>_ref` above it."""
+"""Custom kernels: one wrapper module per `metal/<name>.metal`, each with its pure-MLX twin
+`<name>_ref` (same signature) above the kernel call. `select_kernels()` picks, once, the set a
+model uses: the kernels where a GPU back end exists and MLX_GEMMA4_KERNELS is not "0", else the
+twins (the CPU path and the oracle of the parity tests)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from ._source import gpu_backend, kernels_enabled
+from .decode_attention import MAX_DECODE_QUERIES, decode_attention, decode_attention_ref
+from .norm_residual import norm_residual, norm_residual_ref
+from .ple_inputs import ple_inputs, ple_inputs_ref
+from .rope_norm import rope_norm, rope_norm_ref
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The functions a model calls; each is a kernel or its twin, fixed when the model is built."""
+
+    rope_norm: Callable
+    ple_inputs: Callable
+    norm_residual: Callable
+    sliding_decode_attention: Callable  # head_dim 256, K/V of a sliding ring
+    full_decode_attention: Callable  # head_dim 512, K/V of a full-attention cache
+    uses_kernels: bool
+
+
+# Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
+# (metal/README.md has the table). rope_norm and norm_residual lose at decode by a microsecond
+# or two of per-call overhead; decode_attention loses on full layers with GQA groups at 4k.
+KERNELS = KernelSet(
+    rope_norm=rope_norm_ref,
+    ple_inputs=ple_inputs,
+    norm_residual=norm_residual_ref,
+    sliding_decode_attention=decode_attention,
+    full_decode_attention=decode_attention_ref,
+    uses_kernels=True,
+)
+# Every kernel on: the model-level GPU check runs this set too.
+ALL_KERNELS = KernelSet(rope_norm, ple_inputs, norm_residual, decode_attention, decode_attention, uses_kernels=True)
+TWINS = KernelSet(rope_norm_ref, ple_inputs_ref, norm_residual_ref, decode_attention_ref, decode_attention_ref, False)
+
+
+def select_kernels(enabled: bool | None = None) -> KernelSet:
+    """KERNELS when `enabled` (default: a GPU back end exists and MLX_GEMMA4_KERNELS != "0");
+    MLX_GEMMA4_KERNELS=all turns on every kernel, winners or not (for checks and benches)."""
+    if not (kernels_enabled() if enabled is None else enabled):
+        return TWINS
+    return ALL_KERNELS if os.environ.get("MLX_GEMMA4_KERNELS") == "all" else KERNELS
+
+
+__all__ = [
+    "ALL_KERNELS", "KERNELS", "TWINS", "KernelSet", "MAX_DECODE_QUERIES", "decode_attention", "decode_attention_ref",
+    "gpu_backend", "kernels_enabled", "norm_residual", "norm_residual_ref", "ple_inputs", "ple_inputs_ref",
+    "rope_norm", "rope_norm_ref", "select_kernels",
+]

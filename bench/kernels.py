@@ -1,0 +1,154 @@
+"""Each custom kernel against its MLX twin at the shapes the real models run (E2B, E4B,
+26B-A4B, 31B; decode with a 4096-token context and 512-token prefill chunks), bfloat16.
+
+    python bench/kernels.py [--models e2b,31b] [--out table.md]
+
+Prints a markdown table: median microseconds per call (kernel and twin, both timed the same
+way: a batch of calls built and evaluated together, inputs rotated over enough copies to leave
+the L2 cache), the speedup, and the kernel's achieved GB/s over the bytes it must move.
+Needs MLX's Metal or CUDA back end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM  # noqa: E402
+from mlx_gemma4.config import from_hf_config  # noqa: E402
+from mlx_gemma4.kernels import (  # noqa: E402
+    decode_attention, decode_attention_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
+    rope_norm, rope_norm_ref,
+)
+from mlx_gemma4.rope import LayerRoPE  # noqa: E402
+
+DTYPE = mx.bfloat16
+EPS = 1e-6
+CONTEXT = 4096  # decode: tokens already in a full layer's cache
+PREFILL = 512  # prefill chunk
+MODEL_NAMES = ("e2b", "e4b", "26b-a4b", "31b")
+L2_BYTES = 64 << 20  # rotate input copies until a pass touches more than this (H100 L2: 50 MB)
+
+
+def _rand(shape, scale=1.0):
+    return (mx.random.normal(shape) * scale).astype(DTYPE)
+
+
+def _layer(config, kind):
+    return next(layer for layer in config.layers if layer.layer_type == kind)
+
+
+def bench_rope_norm(config, phase):
+    L, offset = (1, CONTEXT) if phase == "decode" else (PREFILL, 0)
+    for kind in ("sliding_attention", "full_attention"):
+        layer = _layer(config, kind)
+        D, rope = layer.head_dim, LayerRoPE(layer.rope, layer.head_dim)
+        make = lambda: (_rand((1, L, config.num_attention_heads, D)), _rand((D,)) + 1, offset, rope, EPS)  # noqa: E731
+        yield f"q {kind.split('_')[0]} [1,{L},{config.num_attention_heads},{D}]", make
+
+
+def bench_norm_residual(config, phase):
+    L = 1 if phase == "decode" else PREFILL
+    N = config.hidden_size
+    yield f"[1,{L},{N}] x layer_scalar", lambda: (_rand((1, L, N)), _rand((N,)) + 1, _rand((1, L, N)), _rand((1,)), EPS)
+
+
+def bench_ple_inputs(config, phase):
+    P = config.hidden_size_per_layer_input
+    if not P:
+        return
+    L, n = (1 if phase == "decode" else PREFILL), config.num_hidden_layers
+    yield f"[1,{L},{n},{P}]", lambda: (_rand((1, L, n, P), 0.05), _rand((1, L, n, P), 30.0), _rand((P,)) + 1, config.hidden_size, EPS)
+
+
+def bench_decode_attention(config, phase):
+    if phase != "decode":
+        return  # prefill blocks (L > 8) take MLX's fused SDPA
+    for kind in ("sliding_attention", "full_attention"):
+        layer = _layer(config, kind)
+        D, Hkv, Hq = layer.head_dim, layer.num_kv_heads, config.num_attention_heads
+        if kind == "sliding_attention":
+            # A wrapped ring: every slot held, the boolean mask hides the stale headroom slots.
+            S = layer.sliding_window + DEFAULT_SLIDING_HEADROOM
+            mask = mx.arange(S)[None, None, None, :] >= DEFAULT_SLIDING_HEADROOM
+        else:
+            S, mask = CONTEXT, None
+        scale = D**-0.25
+        make = lambda: (_rand((1, Hq, 1, D), scale), _rand((1, Hkv, S, D), scale), _rand((1, Hkv, S, D)), mask)  # noqa: E731,B023
+        yield f"{kind.split('_')[0]} q[1,{Hq},1,{D}] kv[1,{Hkv},{S},{D}]", make
+
+
+BENCHES = {
+    "rope_norm": (bench_rope_norm, rope_norm, rope_norm_ref),
+    "ple_inputs": (bench_ple_inputs, ple_inputs, ple_inputs_ref),
+    "norm_residual": (bench_norm_residual, norm_residual, norm_residual_ref),
+    "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
+}
+
+
+def _nbytes(args, out) -> int:
+    arrays = [a for a in args if isinstance(a, mx.array)]
+    return sum(a.nbytes for a in arrays) + out.nbytes
+
+
+def time_us(fn, sets, batch=32, repeats=15) -> float:
+    """Median microseconds per call over `repeats` batches of `batch` calls each."""
+    for args in sets[:3]:
+        mx.eval(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        mx.synchronize()
+        start = time.perf_counter()
+        mx.eval([fn(*sets[i % len(sets)]) for i in range(batch)])
+        mx.synchronize()
+        samples.append((time.perf_counter() - start) / batch * 1e6)
+    return statistics.median(samples)
+
+
+def run(models, out_path=None):
+    rows = []
+    header = "| kernel | model | phase | shape | twin us | kernel us | speedup | kernel GB/s |"
+    print(header + "\n|---|---|---|---|---:|---:|---:|---:|", flush=True)
+    for name in models:
+        from configs import MODELS
+
+        config = from_hf_config(MODELS[name])
+        for kernel_name, (cases, kernel, twin) in BENCHES.items():
+            for phase in ("decode", "prefill"):
+                for shape, make in cases(config, phase):
+                    first = make()
+                    mx.eval([a for a in first if isinstance(a, mx.array)])
+                    per_set = _nbytes(first, kernel(*first))
+                    sets = [first] + [make() for _ in range(min(15, L2_BYTES // max(per_set, 1)))]
+                    mx.eval([[a for a in s if isinstance(a, mx.array)] for s in sets])
+                    t_twin, t_kernel = time_us(twin, sets), time_us(kernel, sets)
+                    row = (f"| `{kernel_name}` | {name} | {phase} | {shape} | {t_twin:.1f} | {t_kernel:.1f} | "
+                           f"{t_twin / t_kernel:.2f}x | {per_set / t_kernel / 1e3:.0f} |")
+                    print(row, flush=True)
+                    rows.append(row)
+    if out_path:
+        Path(out_path).write_text(header + "\n|---|---|---|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODEL_NAMES))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if not (mx.metal.is_available() or mx.cuda.is_available()):
+        sys.exit("bench/kernels.py needs MLX's Metal or CUDA back end (kernels do not run on CPU)")
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
+    run(args.models.split(","), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+// decode_attention: softmax(q k^T) v for a few queries (decode, Lq = 1; speculative verify,
+// Lq <= 8) against the K/V a cache returns, read in place through their strides (a growing
+// cache's slice, a wrapped sliding ring, or a KV-shared layer's source arrays). Scale 1.0
+// (Gemma 4's q/k norms replace 1/sqrt(D)); GQA; head_dim up to 512; softmax in float32.
+// Masks as the caches build them: none, "causal" (bottom-right aligned), or boolean
+// [B or 1, 1, Lq, S] (ring-buffer order, window, left padding); a masked key is skipped, so
+// its V is never read and a row with no visible key comes out 0.
+//
+// Two passes (split-K "flash decoding"): the keys are cut into NSPLIT = threadgroups_per_grid.x
+// chunks so that even one query row fills the GPU.
+//   partial: grid (NSPLIT * 32 * NSG, rows); row = (b * Hq + hq) * Lq + lq. Each simdgroup walks
+//     the chunk's keys with stride NSG, keeping an online softmax (max, sum, acc[D] spread as
+//     EPT = D/32 values per lane, lane-interleaved: element i * 32 + lane, so each load
+//     instruction of a simdgroup reads one contiguous 64-128 byte span); the NSG states merge in threadgroup memory and the split's
+//     (max, sum) and unnormalised acc go to part_ml [rows, NSPLIT, 2], part_acc [rows, NSPLIT, D].
+//   combine: grid (rows * TG); merges the NSPLIT states of a row and writes out [B, Hq, Lq, D].
+// Templates: T, D, NSG, HAS_MASK, CAUSAL (partial); T, D, TG (combine).
+
+// @kernel decode_attention_partial
+  constexpr int EPT = (D + 31) / 32;
+  uint split = threadgroup_position_in_grid.x;
+  uint nsplit = threadgroups_per_grid.x;
+  uint row = threadgroup_position_in_grid.y;
+  uint t = thread_position_in_threadgroup.x;
+  uint lane = thread_index_in_simdgroup;
+  uint sg = simdgroup_index_in_threadgroup;
+  threadgroup float sm_m[NSG];
+  threadgroup float sm_l[NSG];
+  threadgroup float sm_acc[NSG * D];
+
+  int Hq = q_shape[1];
+  int Lq = q_shape[2];
+  int Hkv = k_shape[1];
+  int S = k_shape[2];
+  int lq = int(row) % Lq;
+  int hq = (int(row) / Lq) % Hq;
+  int b = int(row) / (Lq * Hq);
+  int hkv = hq / (Hq / Hkv);
+
+  const device T* qp = q + b * q_strides[0] + hq * q_strides[1] + lq * q_strides[2];
+  const device T* kp = k + b * k_strides[0] + hkv * k_strides[1];
+  const device T* vp = v + b * v_strides[0] + hkv * v_strides[1];
+  int64_t k_row = k_strides[2];
+  int64_t v_row = v_strides[2];
+  int64_t mask_base = 0;
+  int64_t mask_step = 0;
+  if (HAS_MASK) {
+    mask_base = (mask_shape[0] == 1 ? 0 : b * mask_strides[0]) + lq * mask_strides[2];
+    mask_step = mask_strides[3];
+  }
+  int last_visible = S - Lq + lq;  // "causal": query lq sits at key S - Lq + lq
+
+  float qv[EPT];
+  float acc[EPT];
+  for (int i = 0; i < EPT; i++) {
+    int d = i * 32 + int(lane);
+    qv[i] = d < D ? static_cast<float>(qp[d]) : 0.0f;
+    acc[i] = 0.0f;
+  }
+  float m = GEMMA_NEG_BIG;
+  float l = 0.0f;
+
+  int chunk = (S + int(nsplit) - 1) / int(nsplit);
+  int start = int(split) * chunk;
+  int stop = metal::min(S, start + chunk);
+  for (int j = start + int(sg); j < stop; j += NSG) {
+    if (HAS_MASK && !mask[mask_base + j * mask_step]) {
+      continue;  // uniform across the simdgroup
+    }
+    if (CAUSAL && j > last_visible) {
+      continue;
+    }
+    const device T* kr = kp + j * k_row;
+    float s = 0.0f;
+    for (int i = 0; i < EPT; i++) {
+      int d = i * 32 + int(lane);
+      s += d < D ? qv[i] * static_cast<float>(kr[d]) : 0.0f;
+    }
+    s = simd_sum(s);
+    float m_new = metal::max(m, s);
+    float corr = metal::exp(m - m_new);
+    float p = metal::exp(s - m_new);
+    l = l * corr + p;
+    const device T* vr = vp + j * v_row;
+    for (int i = 0; i < EPT; i++) {
+      int d = i * 32 + int(lane);
+      acc[i] = acc[i] * corr + (d < D ? p * static_cast<float>(vr[d]) : 0.0f);
+    }
+    m = m_new;
+  }
+
+  // Merge the NSG simdgroup states of this split.
+  if (lane == 0) {
+    sm_m[sg] = m;
+    sm_l[sg] = l;
+  }
+  for (int i = 0; i < EPT; i++) {
+    int d = i * 32 + int(lane);
+    if (d < D) {
+      sm_acc[sg * D + d] = acc[i];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float mmax = GEMMA_NEG_BIG;
+  for (int g = 0; g < NSG; g++) {
+    mmax = metal::max(mmax, sm_m[g]);
+  }
+  size_t part = size_t(row) * nsplit + split;
+  for (int d = int(t); d < D; d += NSG * 32) {
+    float a = 0.0f;
+    for (int g = 0; g < NSG; g++) {
+      a += sm_acc[g * D + d] * metal::exp(sm_m[g] - mmax);
+    }
+    part_acc[part * D + d] = a;
+  }
+  if (t == 0) {
+    float total = 0.0f;
+    for (int g = 0; g < NSG; g++) {
+      total += sm_l[g] * metal::exp(sm_m[g] - mmax);
+    }
+    part_ml[part * 2] = mmax;
+    part_ml[part * 2 + 1] = total;
+  }
+
+// @kernel decode_attention_combine
+  uint row = threadgroup_position_in_grid.x;
+  uint t = thread_position_in_threadgroup.x;
+  int nsplit = part_ml_shape[1];
+  threadgroup float weight[MAX_SPLITS];
+  // Every thread finds the row's max and sum (nsplit <= MAX_SPLITS reads, from cache).
+  float mmax = GEMMA_NEG_BIG;
+  for (int s = 0; s < nsplit; s++) {
+    mmax = metal::max(mmax, part_ml[(size_t(row) * nsplit + s) * 2]);
+  }
+  float total = 0.0f;
+  for (int s = 0; s < nsplit; s++) {
+    size_t i = (size_t(row) * nsplit + s) * 2;
+    total += part_ml[i + 1] * metal::exp(part_ml[i] - mmax);
+  }
+  float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: 0, not NaN
+  for (int s = int(t); s < nsplit; s += TG) {
+    weight[s] = metal::exp(part_ml[(size_t(row) * nsplit + s) * 2] - mmax) * inv;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int d = int(t); d < D; d += TG) {
+    float a = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+      a += part_acc[(size_t(row) * nsplit + s) * D + d] * weight[s];
+    }
+    out[size_t(row) * D + d] = static_cast<T>(a);
+  }

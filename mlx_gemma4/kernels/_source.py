@@ -1,0 +1,87 @@
+"""Reads kernel bodies from the `mlx_gemma4.metal` package and builds them for the back end.
+
+A `metal/<name>.metal` file holds one or more bodies, each after a `// @kernel <body name>`
+line; text before the first marker is commentary. On Metal a body compiles through
+`mx.fast.metal_kernel` with `common.h` as header; on CUDA through `mx.fast.cuda_kernel` with
+`cuda_compat.h` + `common.h` (the shim maps Metal's vocabulary onto CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from importlib import resources
+
+import mlx.core as mx
+
+_MARKER = re.compile(r"^// @kernel (\w+)\s*$", re.MULTILINE)
+
+
+def gpu_backend() -> str | None:
+    """"metal", "cuda", or None when MLX has no GPU back end here."""
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def kernels_enabled() -> bool:
+    """Custom kernels run when a GPU back end exists and MLX_GEMMA4_KERNELS is not "0"."""
+    return gpu_backend() is not None and os.environ.get("MLX_GEMMA4_KERNELS", "1") != "0"
+
+
+_COMMENT_LINE = re.compile(r"^\s*//.*\n", re.MULTILINE)
+
+
+def _read(filename: str) -> str:
+    return resources.files("mlx_gemma4.metal").joinpath(filename).read_text()
+
+
+def _strip(source: str) -> str:
+    # MLX rebuilds the kernel's source string on every call: a shorter string is cheaper.
+    return _COMMENT_LINE.sub("", source)
+
+
+def metal_files() -> list[str]:
+    """Kernel names: one per `metal/<name>.metal`."""
+    names = [p.name for p in resources.files("mlx_gemma4.metal").iterdir()]
+    return sorted(n[: -len(".metal")] for n in names if n.endswith(".metal"))
+
+
+@functools.cache
+def bodies(name: str) -> dict[str, str]:
+    """The kernel bodies of `metal/<name>.metal`, by body name."""
+    parts = _MARKER.split(_read(f"{name}.metal"))
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+@functools.cache
+def build(file: str, body: str, inputs: tuple[str, ...], outputs: tuple[str, ...], contiguous: bool = True):
+    """The compiled-on-first-call kernel object for one body of `metal/<file>.metal`."""
+    source = _strip(bodies(file)[body])
+    backend = gpu_backend()
+    if backend == "cuda":
+        # The shim goes in `header`, after MLX's own includes, so its macros never reach MLX code.
+        header = _strip(_read("cuda_compat.h") + _read("common.h"))
+        return mx.fast.cuda_kernel(
+            name=f"gemma4_{body}", input_names=list(inputs), output_names=list(outputs), source=source,
+            header=header, ensure_row_contiguous=contiguous,
+        )
+    if backend == "metal":
+        return mx.fast.metal_kernel(
+            name=f"gemma4_{body}", input_names=list(inputs), output_names=list(outputs), source=source,
+            header=_strip(_read("common.h")), ensure_row_contiguous=contiguous,
+        )
+    raise RuntimeError("custom kernels need MLX's Metal or CUDA back end; use the `_ref` twin on CPU")
+
+
+@functools.lru_cache(maxsize=64)
+def scalars(*values: float) -> mx.array:
+    """A small float32 parameter array (eps, scales), made once per distinct set of values."""
+    return mx.array(values, dtype=mx.float32)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple

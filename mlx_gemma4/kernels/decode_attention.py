@@ -1,0 +1,75 @@
+"""decode_attention: split-K attention for a few queries against a cache's K/V, read in place
+(metal/decode_attention.metal: a partial pass and a combine pass). head_dim 256 and 512 (MLX's
+fused SDPA stops at 256), GQA, scale 1.0, the masks the caches build."""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+from ._source import build, round_up
+
+MAX_DECODE_QUERIES = 8  # decode (1) and speculative verify; longer query blocks take prefill SDPA
+SIMDGROUPS = 4  # simdgroups per partial threadgroup, each walking every 4th key of the chunk
+# Each simdgroup walks its keys one after another (latency-bound), so parallelism comes from
+# many resident threadgroups: about 8 per SM on an H100 (132 SMs, 2048 threads each).
+TARGET_THREADGROUPS = 1024
+MIN_KEYS_PER_SPLIT = 32
+MAX_SPLITS = 256
+COMBINE_THREADS = 128
+
+
+def decode_attention_ref(
+    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
+) -> mx.array:
+    """softmax(q k^T) v with scale 1.0 (q_norm / k_norm replace 1/sqrt(D)).
+
+    queries [B, Hq, Lq, D]; keys, values [B, Hkv, S, D] as the cache returns them; mask None,
+    "causal" or boolean [B or 1, 1, Lq, S]. Returns [B, Hq, Lq, D].
+    """
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+
+
+@functools.cache
+def _no_mask() -> mx.array:
+    return mx.ones((1, 1, 1, 1), dtype=mx.bool_)
+
+
+def decode_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
+) -> mx.array:
+    # Strides are read for every axis but the last: each head_dim row must be contiguous, as
+    # cache buffers, their slices and head-axis transposes are.
+    B, Hq, Lq, D = queries.shape
+    S = keys.shape[2]
+    rows = B * Hq * Lq
+    splits = max(1, min(MAX_SPLITS, -(-TARGET_THREADGROUPS // rows), -(-S // MIN_KEYS_PER_SPLIT)))
+    has_mask = isinstance(mask, mx.array)
+    if has_mask:
+        # [Lq, S] or [.., 1, S] masks: broadcasting gives the kernel stride-0 axes to walk.
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = mx.broadcast_to(mask, (mask.shape[0], 1, Lq, S))
+    causal = isinstance(mask, str) and Lq > 1  # bottom-right aligned; with one query it is no mask
+    partial = build(
+        "decode_attention", "decode_attention_partial", ("q", "k", "v", "mask"), ("part_acc", "part_ml"),
+        contiguous=False,
+    )
+    part_acc, part_ml = partial(
+        inputs=[queries, keys, values, mask if has_mask else _no_mask()],
+        template=[("T", queries.dtype), ("D", D), ("NSG", SIMDGROUPS), ("HAS_MASK", has_mask), ("CAUSAL", causal)],
+        grid=(splits * SIMDGROUPS * 32, rows, 1),
+        threadgroup=(SIMDGROUPS * 32, 1, 1),
+        output_shapes=[(rows, splits, D), (rows, splits, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    combine = build("decode_attention", "decode_attention_combine", ("part_acc", "part_ml"), ("out",))
+    (out,) = combine(
+        inputs=[part_acc, part_ml],
+        template=[("T", queries.dtype), ("D", D), ("TG", COMBINE_THREADS), ("MAX_SPLITS", MAX_SPLITS)],
+        grid=(rows * COMBINE_THREADS, 1, 1),
+        threadgroup=(COMBINE_THREADS, 1, 1),
+        output_shapes=[(B, Hq, Lq, D)],
+        output_dtypes=[queries.dtype],
+    )
+    return out

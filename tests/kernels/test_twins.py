@@ -1,0 +1,86 @@
+"""The twins themselves, on CPU (CI): each `_ref` against a float64 NumPy statement of the
+math, and the RoPE angles the kernel reads (LayerRoPE.inv_freq) against the twin's rotation."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_decode_attention import cache_steps
+
+from mlx_gemma4.config import RopeConfig
+from mlx_gemma4.kernels import decode_attention_ref, norm_residual_ref, ple_inputs_ref, rope_norm_ref
+from mlx_gemma4.rope import LayerRoPE
+
+EPS = 1e-6
+
+
+def rms(x, w=None):
+    y = x / np.sqrt((x**2).mean(-1, keepdims=True) + EPS)
+    return y if w is None else y * w
+
+
+def np64(a):
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    "rope", [RopeConfig("default", 10_000.0, 256), RopeConfig("proportional", 1_000_000.0, 128), None]
+)
+def test_rope_norm_ref_and_inv_freq(rope):
+    D = 256 if rope is None or rope.scheme == "default" else 512
+    x = mx.random.normal((2, 5, 3, D), key=mx.random.key(0))
+    w = mx.random.uniform(0.5, 1.5, (D,), key=mx.random.key(1)) if rope else None
+    offset = mx.array([7, 600], dtype=mx.int32)
+    layer_rope = LayerRoPE(rope, D) if rope else None
+    out = np64(rope_norm_ref(x, w, offset, layer_rope, EPS))
+    expected = rms(np64(x), None if w is None else np64(w)).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    if rope:
+        pairs = rope.rotated_dims // 2
+        inv = np.zeros(D // 2)
+        inv[:pairs] = rope.theta ** (-np.arange(0, 2 * pairs, 2) / D)  # exponents over the full D
+        np.testing.assert_allclose(np.array(layer_rope.inv_freq), inv, rtol=1e-6)  # what the kernel reads
+        pos = np.array([7, 600])[:, None, None, None] + np.arange(5)[None, None, :, None]
+        angle = pos * inv
+        a, b = expected[..., : D // 2], expected[..., D // 2 :]
+        expected = np.concatenate([a * np.cos(angle) - b * np.sin(angle), b * np.cos(angle) + a * np.sin(angle)], -1)
+    np.testing.assert_allclose(out, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_norm_residual_ref():
+    x, r = mx.random.normal((2, 3, 64), key=mx.random.key(2)), mx.random.normal((2, 3, 64), key=mx.random.key(3))
+    w, s = mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(4)), mx.array([0.3])
+    np.testing.assert_allclose(np64(norm_residual_ref(x, w, r, s, EPS)), (np64(r) + rms(np64(x), np64(w))) * 0.3, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np64(norm_residual_ref(x, w, r, None, EPS)), np64(r) + rms(np64(x), np64(w)), rtol=1e-5, atol=1e-6)
+
+
+def test_ple_inputs_ref():
+    shape = (2, 3, 4, 16)
+    tokens, context = mx.random.normal(shape, key=mx.random.key(5)), mx.random.normal(shape, key=mx.random.key(6)) * 8
+    w = mx.random.uniform(0.5, 1.5, (16,), key=mx.random.key(7))
+    out = np64(ple_inputs_ref(tokens, context, w, 64, EPS))
+    expected = (rms(np64(context) * 64**-0.5, np64(w)) + np64(tokens) * 4.0) * 2**-0.5
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sliding", "full"])
+@pytest.mark.parametrize("queries", [1, 4])
+def test_decode_attention_ref_on_cache_masks(kind, queries):
+    """The twin (and so the kernel's oracle) with the caches' masks, wrapped ring included."""
+    for offset, mask, keys, values in cache_steps(kind, 2, 2, 32, mx.float32, queries):
+        q = mx.random.normal((2, 4, queries, 32), key=mx.random.key(offset)) * 0.5
+        out = np64(decode_attention_ref(q, keys, values, mask))
+        k = np.repeat(np64(keys), 2, axis=1)
+        v = np.repeat(np64(values), 2, axis=1)
+        scores = np64(q) @ k.transpose(0, 1, 3, 2)
+        S = k.shape[2]
+        if isinstance(mask, str):
+            visible = np.arange(S)[None, :] <= np.arange(S - queries, S)[:, None]
+        elif mask is None:
+            visible = np.ones((queries, S), bool)
+        else:
+            visible = np.array(mask)
+        scores = np.where(visible, scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        expected = (p / p.sum(-1, keepdims=True)) @ v
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
