@@ -64,8 +64,7 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask, rope_offset, cache=None, shared_kv=None):
         B, L, _ = x.shape
-        # Norm over head_dim, [B, L, H, D] -> [B, H, L, D], rotate; the kernel pays off only at prefill sizes.
-        rope_norm = self.ops.decode_rope_norm if L <= MAX_DECODE_QUERIES else self.ops.prefill_rope_norm
+        rope_norm = self.ops.rope_norm  # norm over head_dim, [B, L, H, D] -> [B, H, L, D], rotate
         queries = rope_norm(self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim),
                             self.q_norm.weight, rope_offset, self.rope, self.eps)
         if shared_kv is not None:

@@ -20,8 +20,7 @@ from .rope_norm import rope_norm, rope_norm_ref
 class KernelSet:
     """The functions a model calls; each is a kernel or its twin, fixed when the model is built."""
 
-    prefill_rope_norm: Callable  # L > MAX_DECODE_QUERIES
-    decode_rope_norm: Callable  # L <= MAX_DECODE_QUERIES
+    rope_norm: Callable
     ple_inputs: Callable
     norm_residual: Callable
     sliding_decode_attention: Callable  # head_dim 256, K/V of a sliding ring
@@ -30,11 +29,10 @@ class KernelSet:
 
 
 # Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
-# (metal/README.md has the table). rope_norm (at decode) and norm_residual lose by a microsecond
+# (metal/README.md has the table). rope_norm and norm_residual lose at decode by a microsecond
 # or two of per-call overhead; decode_attention loses on full layers with GQA groups at 4k.
 KERNELS = KernelSet(
-    prefill_rope_norm=rope_norm,
-    decode_rope_norm=rope_norm_ref,
+    rope_norm=rope_norm_ref,
     ple_inputs=ple_inputs,
     norm_residual=norm_residual_ref,
     sliding_decode_attention=decode_attention,
@@ -42,12 +40,8 @@ KERNELS = KernelSet(
     uses_kernels=True,
 )
 # Every kernel on: the model-level GPU check runs this set too.
-ALL_KERNELS = KernelSet(
-    rope_norm, rope_norm, ple_inputs, norm_residual, decode_attention, decode_attention, uses_kernels=True
-)
-TWINS = KernelSet(
-    rope_norm_ref, rope_norm_ref, ple_inputs_ref, norm_residual_ref, decode_attention_ref, decode_attention_ref, False
-)
+ALL_KERNELS = KernelSet(rope_norm, ple_inputs, norm_residual, decode_attention, decode_attention, uses_kernels=True)
+TWINS = KernelSet(rope_norm_ref, ple_inputs_ref, norm_residual_ref, decode_attention_ref, decode_attention_ref, False)
 
 
 def select_kernels(enabled: bool | None = None) -> KernelSet:
