@@ -307,7 +307,7 @@ PROMPT_CACHE_VERSION = 1
 _CACHE_KINDS = {"full": KVCache, "sliding": SlidingKVCache}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -344,7 +344,7 @@ class PromptCache:
         At least the last prompt token is always left to compute: it yields the next logits.
         """
         held = self.held_tokens()
-        keep = min(_common_prefix(held, prompt), len(prompt) - 1)
+        keep = min(common_prefix_length(held, prompt), len(prompt) - 1)
         drop = len(held) - keep
         if drop and all(c.trimmable() >= drop for c in self.caches):
             for c in self.caches:

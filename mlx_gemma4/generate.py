@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import PromptCache, StepView
+from .cache import PromptCache, StepView, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
 from .model import Model
@@ -26,9 +26,7 @@ def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.a
     """
     if step_size < 1:
         raise ValueError("prefill_step_size must be at least 1")
-    for start in range(0, prompt.shape[1] - 1, step_size):
-        model.prefill(prompt[:, start : min(start + step_size, prompt.shape[1] - 1)], cache)
-        mx.eval([c.state for c in cache])
+    prefill_only(model, prompt[:, :-1], cache, step_size)
     return model(prompt[:, -1:], cache)[:, -1]
 
 
@@ -229,10 +227,7 @@ def _prompt_ids(tokenizer, messages_or_prompt, tools, enable_thinking) -> tuple[
     history = tokenizer.apply_chat_template(
         [*messages, {"role": "assistant", "content": "."}], add_generation_prompt=False, **render
     )
-    parting = 0
-    while parting < min(len(ids), len(history)) and ids[parting] == history[parting]:
-        parting += 1
-    return ids, parting
+    return ids, common_prefix_length(ids, history)
 
 
 def stream_generate(
