@@ -3,9 +3,10 @@
 
     python bench/kernels.py [--models e2b,31b] [--out table.md]
 
-Prints a markdown table: median microseconds per call (kernel and twin, both timed the same
-way: a batch of calls built and evaluated together, inputs rotated over enough copies to leave
-the L2 cache), the speedup, and the kernel's achieved GB/s over the bytes it must move.
+Prints a markdown table: median microseconds per call (kernel and twin, both timed the way the
+model runs them, compiled at decode and eager at prefill, in batches of calls built and evaluated
+together, inputs rotated over enough copies to leave the L2 cache), the speedup, and the kernel's
+achieved GB/s over the bytes it must move.
 Needs MLX's Metal or CUDA back end.
 """
 
@@ -49,11 +50,17 @@ def _layer(config, kind):
 
 def bench_rope_norm(config, phase):
     L, offset = (1, CONTEXT) if phase == "decode" else (PREFILL, 0)
-    for kind in ("sliding_attention", "full_attention"):
-        layer = _layer(config, kind)
+    Hq = config.num_attention_heads
+    cases = {f"{kind.split('_')[0]} q|k|v": (_layer(config, kind), False) for kind in ("sliding_attention", "full_attention")}
+    if any(layer.kv_source != i for i, layer in enumerate(config.layers)):
+        cases["kv-shared q"] = (_layer(config, "sliding_attention"), True)
+    for label, (layer, shared) in cases.items():
         D, rope = layer.head_dim, LayerRoPE(layer.rope, layer.head_dim)
-        make = lambda: (_rand((1, L, config.num_attention_heads, D)), _rand((D,)) + 1, offset, rope, EPS)  # noqa: E731
-        yield f"q {kind.split('_')[0]} [1,{L},{config.num_attention_heads},{D}]", make
+        Hkv = 0 if shared else layer.num_kv_heads
+        heads = Hq + Hkv * (1 if layer.k_eq_v else 2)
+        make = lambda: (_rand((1, L, heads, D)), _rand((D,)) + 1, None if shared else _rand((D,)) + 1, offset,  # noqa: E731,B023
+                        rope, EPS, Hkv, layer.k_eq_v)  # noqa: B023
+        yield f"{label}{' (k=v)' if layer.k_eq_v and not shared else ''} [1,{L},{heads},{D}]", make
 
 
 def bench_norm_residual(config, phase):
@@ -97,7 +104,25 @@ BENCHES = {
 
 def _nbytes(args, out) -> int:
     arrays = [a for a in args if isinstance(a, mx.array)]
-    return sum(a.nbytes for a in arrays) + out.nbytes
+    outs = out if isinstance(out, tuple) else (out,)
+    # q, k and v of rope_norm are views of one buffer: count each byte once.
+    written = outs[0].nbytes if len(outs) == 1 else sum(o.nbytes for o in outs if o is not None)
+    return sum(a.nbytes for a in arrays) + written
+
+
+def _compiled(fn, like):
+    """`fn` through mx.compile, its non-array arguments (as in `like`) fixed as constants."""
+    slots = [i for i, a in enumerate(like) if isinstance(a, mx.array)]
+
+    def arrays_only(*arrays):
+        args = list(like)
+        for i, a in zip(slots, arrays):
+            args[i] = a
+        out = fn(*args)
+        return tuple(o for o in out if o is not None) if isinstance(out, tuple) else out
+
+    step = mx.compile(arrays_only)
+    return lambda *args: step(*[args[i] for i in slots])
 
 
 def time_us(fn, sets, batch=32, repeats=15) -> float:
@@ -130,7 +155,9 @@ def run(models, out_path=None):
                     per_set = _nbytes(first, kernel(*first))
                     sets = [first] + [make() for _ in range(min(15, L2_BYTES // max(per_set, 1)))]
                     mx.eval([[a for a in s if isinstance(a, mx.array)] for s in sets])
-                    t_twin, t_kernel = time_us(twin, sets), time_us(kernel, sets)
+                    # Decode runs inside the compiled step, so time both compiled there.
+                    fns = (_compiled(twin, first), _compiled(kernel, first)) if phase == "decode" else (twin, kernel)
+                    t_twin, t_kernel = time_us(fns[0], sets), time_us(fns[1], sets)
                     row = (f"| `{kernel_name}` | {name} | {phase} | {shape} | {t_twin:.1f} | {t_kernel:.1f} | "
                            f"{t_twin / t_kernel:.2f}x | {per_set / t_kernel / 1e3:.0f} |")
                     print(row, flush=True)

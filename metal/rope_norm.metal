@@ -1,28 +1,37 @@
-// rope_norm: q/k RMSNorm (with weight) or the scale-free v norm, then RoPE, for one attention
-// projection. In: x [B, L, H, D] (the projection output, reshaped). Out: [B, H, L, D], the layout
-// attention reads, so the transpose costs nothing.
-// Grid: one threadgroup of TG = max(32, D/2) threads per (b, l, h) row; thread t owns the NeoX
-// pair (t, t + D/2). RoPE angle = (pos[b] + l) * inv_freq[t]; inv_freq is 0 on pairs that pass
-// through (proportional partial RoPE), which rotates them by exactly 0.
-// Templates: T (dtype), D (head_dim), TG, HAS_WEIGHT (q/k norms), ROTATE (q/k; false for v).
-// Inputs: x, w [D], pos int32 [B], inv_freq float32 [D/2], params float32 [eps].
+// rope_norm: the attention projection's epilogue for a whole layer, in one launch: q and k
+// RMSNorm with their weights, v's scale-free norm, per-layer RoPE on q and k, and the
+// [B, L, H, D] -> [B, H, L, D] transpose attention reads.
+// In: x [B, L, HIN, D], the fused q|k|v projection output reshaped to heads (HIN = NQ + NKV,
+// plus NKV more when v has its own projection). Out: [B, NQ + 2 * NKV, L, D]: q heads, then k
+// heads, then v heads, so q, k and v are views of one buffer. NKV = 0: a KV-shared layer, q only.
+// V_FROM_K (attention_k_eq_v): v is the norm of the k projection's raw output.
+// Grid: one threadgroup of TG = max(32, D/2) threads per (b, l, output head); thread t owns the
+// NeoX pair (t, t + D/2). RoPE angle = (pos[b] + l) * inv_freq[t]; inv_freq is 0 on pairs that
+// pass through (proportional partial RoPE), which rotates them by exactly 0.
+// Templates: T (dtype), D (head_dim), TG, NQ, NKV, V_FROM_K.
+// Inputs: x, q_w [D], k_w [D], pos int32 [B], inv_freq float32 [D/2], params float32 [eps].
 
 // @kernel rope_norm
   constexpr int HALF = D / 2;
-  uint row = threadgroup_position_in_grid.x;  // (b * L + l) * H + h
+  constexpr int HOUT = NQ + 2 * NKV;
+  uint row = threadgroup_position_in_grid.x;  // (b * L + l) * HOUT + head
   uint t = thread_position_in_threadgroup.x;
   uint lane = thread_index_in_simdgroup;
   uint sg = simdgroup_index_in_threadgroup;
   threadgroup float buf[32];
 
-  uint H = uint(x_shape[2]);
+  uint HIN = uint(x_shape[2]);
   uint L = uint(x_shape[1]);
-  uint h = row % H;
-  uint l = (row / H) % L;
-  uint b = row / (H * L);
+  uint head = row % HOUT;
+  uint l = (row / HOUT) % L;
+  uint b = row / (HOUT * L);
+  // Sections: q heads [0, NQ), k heads [NQ, NQ + NKV), v heads after.
+  bool is_v = head >= uint(NQ + NKV);
+  bool is_k = !is_v && head >= uint(NQ);
+  uint in_head = (is_v && V_FROM_K) ? head - NKV : head;
 
   bool active = t < uint(HALF);
-  size_t in_base = size_t(row) * D;
+  size_t in_base = ((size_t(b) * L + l) * HIN + in_head) * D;
   float x1 = active ? static_cast<float>(x[in_base + t]) : 0.0f;
   float x2 = active ? static_cast<float>(x[in_base + t + HALF]) : 0.0f;
   float ss = block_sum<TG / 32>(x1 * x1 + x2 * x2, buf, lane, sg);
@@ -32,22 +41,22 @@
   float r = metal::precise::rsqrt(ss / float(D) + params[0]);
   float n1 = x1 * r;
   float n2 = x2 * r;
-  if (HAS_WEIGHT) {
-    n1 *= static_cast<float>(w[t]);
-    n2 *= static_cast<float>(w[t + HALF]);
+  if (!is_v) {
+    n1 *= static_cast<float>(is_k ? k_w[t] : q_w[t]);
+    n2 *= static_cast<float>(is_k ? k_w[t + HALF] : q_w[t + HALF]);
   }
   // The twin stores the normed tensor in T before rotating it.
   n1 = round_to<T>(n1);
   n2 = round_to<T>(n2);
   float o1 = n1;
   float o2 = n2;
-  if (ROTATE) {
+  if (!is_v) {
     float angle = float(pos[b] + int(l)) * inv_freq[t];
     float c = metal::precise::cos(angle);
     float s = metal::precise::sin(angle);
     o1 = n1 * c - n2 * s;
     o2 = n2 * c + n1 * s;
   }
-  size_t out_base = ((size_t(b) * H + h) * L + l) * D;
+  size_t out_base = ((size_t(b) * HOUT + head) * L + l) * D;
   out[out_base + t] = static_cast<T>(o1);
   out[out_base + t + HALF] = static_cast<T>(o2);

@@ -111,7 +111,7 @@ def load_converted(path: Path) -> Model:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise CheckpointError(f"{path}: weights do not match the config ({exc})") from None
-    return model
+    return model.fuse_projections()
 
 
 def _ready_to_run(model: Model) -> Model:

@@ -42,6 +42,29 @@ def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
     return (nn.gelu_approx(gate.astype(mx.float32)) * up.astype(mx.float32)).astype(up.dtype)
 
 
+def fuse_linears(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
+    """Replace the bias-free linears `names` of `parent` by one whose outputs are theirs, in order.
+
+    Decode is bound by per-operation overhead, so one matmul beats several smaller ones. Rows of
+    a (quantized) weight are independent, so concatenating weights, scales and biases along the
+    output axis is exact. Modules of differing kinds or quantization stay as they are (False).
+    """
+    modules = [parent[name] for name in names]
+    if len(modules) < 2:
+        return False
+    first = modules[0]
+    settings = [(type(m), sorted(m.keys()), getattr(m, "bits", None), getattr(m, "group_size", None),
+                 getattr(m, "mode", None)) for m in modules]
+    if "bias" in first or any(s != settings[0] for s in settings):
+        return False
+    for key in first.keys():
+        first[key] = mx.concatenate([m[key] for m in modules], axis=first[key].ndim - 2)
+    for name in names:
+        parent.pop(name)
+    parent[fused_name] = first
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: LayerConfig, index: int, ops: KernelSet):
         super().__init__()
@@ -58,23 +81,26 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, self.eps)
             if not layer.k_eq_v:
                 self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        # attention_k_eq_v: V is the PRE-norm k_proj output (modular_gemma4 "alternative attention").
+        self.k_eq_v = self.owns_cache and layer.k_eq_v
+        self.projections = tuple(name for name in ("q_proj", "k_proj", "v_proj") if name in self)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rope = LayerRoPE(layer.rope, layer.head_dim)
         self.decode_attention = ops.sliding_decode_attention if layer.is_sliding else ops.full_decode_attention
 
     def __call__(self, x, mask, rope_offset, cache=None, shared_kv=None):
         B, L, _ = x.shape
-        rope_norm = self.ops.rope_norm  # norm over head_dim, [B, L, H, D] -> [B, H, L, D], rotate
-        queries = rope_norm(self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim),
-                            self.q_norm.weight, rope_offset, self.rope, self.eps)
+        projected = [self[name](x) for name in self.projections]
+        projected = projected[0] if len(projected) == 1 else mx.concatenate(projected, axis=-1)
+        # Norms, RoPE and the head transpose of q, k and v at once; [B, L, heads, D] -> [B, heads, L, D].
+        queries, keys, values = self.ops.rope_norm(
+            projected.reshape(B, L, -1, self.head_dim), self.q_norm.weight,
+            self.k_norm.weight if self.owns_cache else None, rope_offset, self.rope, self.eps,
+            self.num_kv_heads if self.owns_cache else 0, self.k_eq_v,
+        )
         if shared_kv is not None:
             keys, values = shared_kv
         else:
-            raw_keys = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
-            # attention_k_eq_v: V is the PRE-norm k_proj output (modular_gemma4 "alternative attention").
-            raw_values = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim) if "v_proj" in self else raw_keys
-            keys = rope_norm(raw_keys, self.k_norm.weight, rope_offset, self.rope, self.eps)
-            values = rope_norm(raw_values, None, rope_offset, None, self.eps)  # v_norm: no scale, no RoPE
             keys, values = cache.update_and_fetch(keys, values)
         # scale 1.0: q_norm / k_norm replace the 1/sqrt(head_dim) factor (Gemma4TextAttention.scaling).
         if L <= MAX_DECODE_QUERIES:  # decode / verify: a shape, fixed per traced step, not data
@@ -82,6 +108,11 @@ class Attention(nn.Module):
         else:
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+
+    def fuse_projections(self):
+        """One q|k|v matmul instead of three (Model.fuse_projections)."""
+        if fuse_linears(self, self.projections, "qkv_proj"):
+            self.projections = ("qkv_proj",)
 
 
 class MLP(nn.Module):
@@ -92,7 +123,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(gelu_gate(gate, up))
+
+    def fuse_projections(self):
+        fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
 
 class Router(nn.Module):
@@ -193,6 +231,14 @@ class Model(nn.Module):
             self._first_cache_of_type.setdefault(config.layers[layer].layer_type, index)
         # Layers whose K/V a later KV-shared layer reads; only these are kept during a forward.
         self._kv_sources = {layer.kv_source for i, layer in enumerate(config.layers) if layer.kv_source != i}
+
+    def fuse_projections(self) -> "Model":
+        """Fuse each layer's q/k/v and gate/up projections into one matmul each (after loading
+        weights; the checkpoint keeps them apart, so this is done at load time)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        return self
 
     def make_cache(self, left_padding: list[int] | None = None, sliding_headroom: int = DEFAULT_SLIDING_HEADROOM):
         """One cache per cache-owning layer; `left_padding[b]` pad slots lead row b."""

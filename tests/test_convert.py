@@ -93,7 +93,7 @@ def dequantized_twin(model):
             weights[f"{path}.weight"] = mx.dequantize(
                 module.weight, module.scales, module.biases, group_size=module.group_size, bits=module.bits
             )
-    twin = Model(model.config)
+    twin = Model(model.config).fuse_projections()  # the loaded model's module layout
     twin.load_weights(list(weights.items()), strict=True)
     return twin
 

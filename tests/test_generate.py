@@ -109,3 +109,26 @@ def test_compiled_decode_step_equals_the_plain_step(checkpoints, headroom):
     # The caches stay usable by the plain path (prompt reuse, trimming, prefill of a next turn).
     follow = mx.array([[5, 6, 7]])
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
+
+
+def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
+    """The step's graph holds the only reference to each cache buffer, so the new K/V slot is
+    written in place: a step over a 64 MB buffer allocates nothing near its size."""
+    from mlx_gemma4.cache import KVCache
+    from mlx_gemma4.generate import CompiledDecode, prefill
+
+    model = checkpoints.model("ple_shared")
+    cache = model.make_cache()
+    prefill(model, mx.array(checkpoints.prompt("ple_shared", 9, seed=3)), cache, 4)
+    full = next(c for c in cache if isinstance(c, KVCache))
+    slots = (64 << 20) // (full.keys.shape[1] * full.keys.shape[3] * 4)
+    full.keys, full.values = (mx.concatenate([b, mx.zeros((1, b.shape[1], slots, b.shape[3]))], axis=2)
+                              for b in (full.keys, full.values))
+    mx.eval(full.keys, full.values)
+    step = CompiledDecode.for_model(model)
+    mx.eval(step(mx.array([[5]]), cache))  # trace outside the measurement
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(step(mx.array([[6]]), cache))
+    assert mx.get_peak_memory() - before < (16 << 20)

@@ -137,3 +137,55 @@ def test_bfloat16_greedy_agrees_with_float32_on_a_trained_model(checkpoints):
     agreement = np.mean(hits)
     print(f"bf16 top-1 agreement on the trained model: {agreement:.4f}")
     assert agreement >= 0.99
+
+
+def separate_projections_model(path):
+    """The checkpoint's model without load's projection fusion: q/k/v and gate/up apart."""
+    from mlx_gemma4.config import ModelConfig, read_config_file
+    from mlx_gemma4.load import _quantize_like_checkpoint, _weight_files
+    from mlx_gemma4.model import Model
+
+    config = ModelConfig.from_dict(read_config_file(path))
+    weights = {key: value for file in _weight_files(path) for key, value in mx.load(str(file)).items()}
+    model = Model(config)
+    if config.quantization:
+        _quantize_like_checkpoint(model, config.quantization, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_loaded_model_fuses_projections_and_computes_the_same(checkpoints, name, bits):
+    model = checkpoints.model(name, "float32", bits)
+    separate = separate_projections_model(checkpoints.converted(name, "float32", bits))
+    for fused, apart in zip(model.layers, separate.layers):
+        attn = fused.self_attn
+        assert "gate_up_proj" in fused.mlp and "gate_proj" not in fused.mlp
+        # KV-shared layers have only q_proj: nothing to fuse there.
+        assert attn.projections == (("qkv_proj",) if attn.owns_cache else ("q_proj",))
+        assert "q_proj" in apart.self_attn and "gate_proj" in apart.mlp
+    ids = mx.array(checkpoints.prompt(name, PROMPT, seed=4))
+    assert mx.abs(model(ids) - separate(ids)).max().item() <= 1e-5
+    cache, cache_apart = model.make_cache(), separate.make_cache()
+    prefill(model, ids, cache, 5)
+    prefill(separate, ids, cache_apart, 5)
+    step = mx.array([[7]])
+    assert mx.abs(model(step, cache) - separate(step, cache_apart)).max().item() <= 1e-5
+
+
+def test_projections_of_different_quantization_stay_apart():
+    import mlx.nn as nn
+
+    from mlx_gemma4.model import fuse_linears
+
+    parent = nn.Module()
+    parent.gate_proj = nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=4)
+    parent.up_proj = nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=8)
+    assert not fuse_linears(parent, ("gate_proj", "up_proj"), "gate_up_proj")
+    assert "gate_proj" in parent and "up_proj" in parent and "gate_up_proj" not in parent
+    parent.up_proj = nn.QuantizedLinear(64, 48, bias=False, group_size=32, bits=4)
+    x = mx.random.normal((3, 64))
+    expected = mx.concatenate([parent.gate_proj(x), parent.up_proj(x)], axis=-1)
+    assert fuse_linears(parent, ("gate_proj", "up_proj"), "gate_up_proj")
+    assert "gate_proj" not in parent and mx.array_equal(parent.gate_up_proj(x), expected)

@@ -29,10 +29,10 @@ class KernelSet:
 
 
 # Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
-# (metal/README.md has the table). rope_norm and norm_residual lose at decode by a microsecond
-# or two of per-call overhead; decode_attention loses on full layers with GQA groups at 4k.
+# (metal/README.md has the table). norm_residual loses at decode by a microsecond or two of
+# per-call overhead; decode_attention loses on full layers with GQA groups at 4k.
 KERNELS = KernelSet(
-    rope_norm=rope_norm_ref,
+    rope_norm=rope_norm,
     ple_inputs=ple_inputs,
     norm_residual=norm_residual_ref,
     sliding_decode_attention=decode_attention,

@@ -1,66 +1,75 @@
-"""rope_norm: q/k RMSNorm (or the scale-free v norm) + per-layer RoPE + the [B, H, L, D]
-transpose, in one launch (metal/rope_norm.metal)."""
+"""rope_norm: one layer's attention-projection epilogue in one launch: q/k RMSNorm, v's
+scale-free norm, per-layer RoPE on q and k, and the [B, H, L, D] transpose
+(metal/rope_norm.metal)."""
 
 from __future__ import annotations
-
-import functools
 
 import mlx.core as mx
 
 from ..rope import LayerRoPE
 from ._source import build, round_up, scalars
 
+Heads = tuple[mx.array, mx.array | None, mx.array | None]
+
+
+def _query_heads(x: mx.array, num_kv_heads: int, k_eq_v: bool) -> int:
+    return x.shape[2] - num_kv_heads * (1 if k_eq_v else 2)
+
 
 def rope_norm_ref(
-    x: mx.array, weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE | None, eps: float
-) -> mx.array:
-    """RMSNorm(x) * weight over head_dim, to [B, H, L, D], then `rope` at per-row `offset`.
+    x: mx.array, q_weight: mx.array, k_weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE,
+    eps: float, num_kv_heads: int = 0, k_eq_v: bool = False,
+) -> Heads:
+    """(queries, keys, values), each [B, heads, L, D], from the fused projection output.
 
-    x: [B, L, H, D] projection output. weight None: the scale-free v norm. rope None: no
-    rotation (v). offset: int, or int32 [B] token positions of each row's first query.
+    x: [B, L, q heads + k heads (+ v heads), D]. num_kv_heads 0: a KV-shared layer, only
+    queries (keys, values None). k_eq_v: values are the scale-free norm of the raw k heads.
+    offset: int, or int32 [B] token positions of each row's first query.
     """
-    y = mx.fast.rms_norm(x, weight, eps).transpose(0, 2, 1, 3)
-    return y if rope is None else rope(y, offset)
-
-
-def _positions(offset: int | mx.array, batch: int) -> mx.array:
-    if isinstance(offset, mx.array):
-        return mx.broadcast_to(offset.astype(mx.int32), (batch,))
-    return _int_positions(int(offset), batch)
+    hq = _query_heads(x, num_kv_heads, k_eq_v)
+    queries = rope(mx.fast.rms_norm(x[:, :, :hq], q_weight, eps).transpose(0, 2, 1, 3), offset)
+    if not num_kv_heads:
+        return queries, None, None
+    raw_keys = x[:, :, hq : hq + num_kv_heads]
+    raw_values = raw_keys if k_eq_v else x[:, :, hq + num_kv_heads :]
+    keys = rope(mx.fast.rms_norm(raw_keys, k_weight, eps).transpose(0, 2, 1, 3), offset)
+    return queries, keys, mx.fast.rms_norm(raw_values, None, eps).transpose(0, 2, 1, 3)
 
 
 _POSITIONS: dict[tuple[int, int], mx.array] = {}
 
 
-def _int_positions(offset: int, batch: int) -> mx.array:
+def _positions(offset: int | mx.array, batch: int) -> mx.array:
+    if isinstance(offset, mx.array):
+        return mx.broadcast_to(offset.astype(mx.int32), (batch,))
     # Every layer of one forward asks for the same offset: make the array once per step.
-    key = (offset, batch)
+    key = (int(offset), batch)
     if key not in _POSITIONS:
         if len(_POSITIONS) > 8:
             _POSITIONS.clear()
-        _POSITIONS[key] = mx.full((batch,), offset, dtype=mx.int32)
+        _POSITIONS[key] = mx.full((batch,), key[0], dtype=mx.int32)
     return _POSITIONS[key]
 
 
-@functools.cache
-def _no_rotation(head_dim: int) -> mx.array:
-    return mx.zeros((head_dim // 2,), mx.float32)
-
-
 def rope_norm(
-    x: mx.array, weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE | None, eps: float
-) -> mx.array:
-    B, L, H, D = x.shape
-    kernel = build("rope_norm", "rope_norm", ("x", "w", "pos", "inv_freq", "params"), ("out",))
+    x: mx.array, q_weight: mx.array, k_weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE,
+    eps: float, num_kv_heads: int = 0, k_eq_v: bool = False,
+) -> Heads:
+    B, L, _, D = x.shape
+    hq = _query_heads(x, num_kv_heads, k_eq_v)
+    heads_out = hq + 2 * num_kv_heads
+    kernel = build("rope_norm", "rope_norm", ("x", "q_w", "k_w", "pos", "inv_freq", "params"), ("out",))
     threads = max(32, round_up(D // 2, 32))
-    inv_freq = rope.inv_freq if rope is not None else _no_rotation(D)
     (out,) = kernel(
-        inputs=[x, x if weight is None else weight, _positions(offset, B), inv_freq, scalars(eps)],
-        template=[("T", x.dtype), ("D", D), ("TG", threads), ("HAS_WEIGHT", weight is not None),
-                  ("ROTATE", rope is not None)],
-        grid=(B * L * H * threads, 1, 1),
+        inputs=[x, q_weight, q_weight if k_weight is None else k_weight, _positions(offset, B), rope.inv_freq,
+                scalars(eps)],
+        template=[("T", x.dtype), ("D", D), ("TG", threads), ("NQ", hq), ("NKV", num_kv_heads),
+                  ("V_FROM_K", k_eq_v)],
+        grid=(B * L * heads_out * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(B, H, L, D)],
+        output_shapes=[(B, heads_out, L, D)],
         output_dtypes=[x.dtype],
     )
-    return out
+    if not num_kv_heads:
+        return out, None, None
+    return out[:, :hq], out[:, hq : hq + num_kv_heads], out[:, hq + num_kv_heads :]

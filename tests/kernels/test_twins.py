@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_decode_attention import cache_steps
+from test_rope_norm import LAYOUTS, fused_input, oracle
 
 from mlx_gemma4.config import RopeConfig
 from mlx_gemma4.kernels import decode_attention_ref, norm_residual_ref, ple_inputs_ref, rope_norm_ref
@@ -24,27 +25,22 @@ def np64(a):
     return np.array(a.astype(mx.float32), dtype=np.float64)
 
 
-@pytest.mark.parametrize(
-    "rope", [RopeConfig("default", 10_000.0, 256), RopeConfig("proportional", 1_000_000.0, 128), None]
-)
-def test_rope_norm_ref_and_inv_freq(rope):
-    D = 256 if rope is None or rope.scheme == "default" else 512
-    x = mx.random.normal((2, 5, 3, D), key=mx.random.key(0))
-    w = mx.random.uniform(0.5, 1.5, (D,), key=mx.random.key(1)) if rope else None
+@pytest.mark.parametrize("rope", [RopeConfig("default", 10_000.0, 256), RopeConfig("proportional", 1_000_000.0, 128)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_rope_norm_ref_and_inv_freq(rope, layout):
+    D = 256 if rope.scheme == "default" else 512
+    x, q_weight, k_weight, num_kv_heads, k_eq_v = fused_input(2, 5, D, layout, mx.float32, seed=0)
     offset = mx.array([7, 600], dtype=mx.int32)
-    layer_rope = LayerRoPE(rope, D) if rope else None
-    out = np64(rope_norm_ref(x, w, offset, layer_rope, EPS))
-    expected = rms(np64(x), None if w is None else np64(w)).transpose(0, 2, 1, 3)  # [B, H, L, D]
-    if rope:
-        pairs = rope.rotated_dims // 2
-        inv = np.zeros(D // 2)
-        inv[:pairs] = rope.theta ** (-np.arange(0, 2 * pairs, 2) / D)  # exponents over the full D
-        np.testing.assert_allclose(np.array(layer_rope.inv_freq), inv, rtol=1e-6)  # what the kernel reads
-        pos = np.array([7, 600])[:, None, None, None] + np.arange(5)[None, None, :, None]
-        angle = pos * inv
-        a, b = expected[..., : D // 2], expected[..., D // 2 :]
-        expected = np.concatenate([a * np.cos(angle) - b * np.sin(angle), b * np.cos(angle) + a * np.sin(angle)], -1)
-    np.testing.assert_allclose(out, expected, atol=2e-4, rtol=1e-4)
+    layer_rope = LayerRoPE(rope, D)
+    pairs = rope.rotated_dims // 2
+    inv = np.zeros(D // 2)
+    inv[:pairs] = rope.theta ** (-np.arange(0, 2 * pairs, 2) / D)  # exponents over the full D
+    np.testing.assert_allclose(np.array(layer_rope.inv_freq), inv, rtol=1e-6)  # what the kernel reads
+    outs = rope_norm_ref(x, q_weight, k_weight, offset, layer_rope, EPS, num_kv_heads, k_eq_v)
+    expected = oracle(x, q_weight, k_weight, offset, rope, num_kv_heads, k_eq_v)
+    assert [o is None for o in outs] == [False] + [num_kv_heads == 0] * 2
+    for out, exact in zip(outs, expected):
+        np.testing.assert_allclose(np64(out), exact, atol=2e-4, rtol=1e-4)
 
 
 def test_norm_residual_ref():
