@@ -53,6 +53,7 @@ __device__ inline float max(float a, float b) { return fmaxf(a, b); }
 __device__ inline float min(float a, float b) { return fminf(a, b); }
 __device__ inline int max(int a, int b) { return a > b ? a : b; }
 __device__ inline int min(int a, int b) { return a < b ? a : b; }
+__device__ inline float fma(float a, float b, float c) { return fmaf(a, b, c); }
 namespace precise {
 __device__ inline float rsqrt(float x) { return rsqrtf(x); }
 __device__ inline float cos(float x) { return cosf(x); }

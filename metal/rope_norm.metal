@@ -9,7 +9,8 @@
 // NeoX pair (t, t + D/2). RoPE angle = (pos[b] + l) * inv_freq[t]; inv_freq is 0 on pairs that
 // pass through (proportional partial RoPE), which rotates them by exactly 0.
 // Templates: T (dtype), D (head_dim), TG, NQ, NKV, V_FROM_K.
-// Inputs: x, q_w [D], k_w [D], pos int32 [B], inv_freq float32 [D/2], params float32 [eps].
+// Inputs: x, q_w [D], k_w [D], pos int32 [B], inv_freq float32 [2, D/2] (value, remainder),
+// params float32 [eps].
 
 // @kernel rope_norm
   constexpr int HALF = D / 2;
@@ -51,11 +52,17 @@
   float o1 = n1;
   float o2 = n2;
   if (!is_v) {
-    float angle = float(pos[b] + int(l)) * inv_freq[t];
+    // angle = position * inv_freq with inv_freq = high + low: the rounding error of the float32
+    // product (from fma) and the low part make a small remainder, applied to first order.
+    float p = float(pos[b] + int(l));
+    float angle = p * inv_freq[t];
+    float rest = metal::fma(p, inv_freq[HALF + t], metal::fma(p, inv_freq[t], -angle));
     float c = metal::precise::cos(angle);
     float s = metal::precise::sin(angle);
-    o1 = n1 * c - n2 * s;
-    o2 = n2 * c + n1 * s;
+    float cr = c - s * rest;
+    float sr = s + c * rest;
+    o1 = n1 * cr - n2 * sr;
+    o2 = n2 * cr + n1 * sr;
   }
   size_t out_base = ((size_t(b) * HOUT + head) * L + l) * D;
   out[out_base + t] = static_cast<T>(o1);

@@ -28,11 +28,13 @@ class LayerRoPE:
             still = mx.full((head_dim // 2 - pairs,), mx.inf, dtype=mx.float32)
             self.base, self.periods = None, mx.concatenate([rotated, still])
         # The same angles for the fused rope_norm kernel: inv_freq per pair (0 = pass-through),
-        # computed in float64 and rounded once.
+        # computed in float64 and kept as a float32 pair [2, D/2] (value, remainder), so the
+        # kernel's angles at positions in the thousands stay exact to float32.
         exponents64 = np.arange(0, 2 * pairs, 2, dtype=np.float64) / head_dim
         inv_freq = np.zeros(head_dim // 2, dtype=np.float64)
         inv_freq[:pairs] = 1.0 / (rope.factor * np.power(float(rope.theta), exponents64))
-        self.inv_freq = mx.array(inv_freq.astype(np.float32))
+        high = inv_freq.astype(np.float32)
+        self.inv_freq = mx.array(np.stack([high, (inv_freq - high).astype(np.float32)]))
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
         return mx.fast.rope(
