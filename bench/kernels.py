@@ -67,6 +67,8 @@ def bench_norm_residual(config, phase):
     L = 1 if phase == "decode" else PREFILL
     N = config.hidden_size
     yield f"[1,{L},{N}] x layer_scalar", lambda: (_rand((1, L, N)), _rand((N,)) + 1, _rand((1, L, N)), _rand((1,)), EPS)
+    # As the model calls it: the next sub-block's norm from the same pass.
+    yield f"[1,{L},{N}] then norm", lambda: (_rand((1, L, N)), _rand((N,)) + 1, _rand((1, L, N)), None, EPS, _rand((N,)) + 1)
 
 
 def bench_ple_inputs(config, phase):

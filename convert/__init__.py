@@ -1,8 +1,8 @@
 """Hugging Face -> mlx_gemma4 checkpoint conversion (ships as `mlx_gemma4.convert`)."""
 
-from .write import convert
+from .write import convert, convert_tensors, quantization_config
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_tensors", "quantization_config"]
 
 from mlx_gemma4._callable import make_module_callable  # noqa: E402
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -93,6 +94,68 @@ def _check_options(dtype: str, quantize_bits: int | None, group_size: int, sensi
         raise Gemma4Error(f"group size {group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})")
 
 
+def quantization_config(
+    config: ModelConfig, quantize_bits: int | None, group_size: int = 64, sensitive_bits: int = 8
+) -> dict | None:
+    """The `quantization` entry `convert` writes into config.json (None unquantized): default bits,
+    group size, and the modules held at other bits. Names and shapes alone decide which matrices
+    quantize at how many bits, so the config suffices."""
+    if not quantize_bits:
+        return None
+    module_bits = {
+        key[: -len(".weight")]: bits_for(key, quantize_bits, sensitive_bits)
+        for key, shape in _expected_shapes(config).items()
+        if quantizable(key, shape, group_size)
+    }
+    overrides = {m: {"bits": b} for m, b in sorted(module_bits.items()) if b != quantize_bits}
+    return {"group_size": group_size, "bits": quantize_bits, "mode": "affine", "modules": overrides}
+
+
+def convert_tensors(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, mx.array]],
+    *,
+    dtype: str = "bfloat16",
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    sensitive_bits: int = 8,
+) -> Iterator[tuple[str, mx.array]]:
+    """Converted (key, array) pairs of Hugging Face (name, tensor) pairs, one tensor at a time and
+    lazily: renamed, checked against `config`'s shapes, cast to `dtype`, quantized as `convert` does.
+
+    Raises CheckpointError on an unexpected or misshapen tensor, and after the last one if a
+    tensor the config needs never came.
+    """
+    _check_options(dtype, quantize_bits, group_size, sensitive_bits)
+    expected, seen = _expected_shapes(config), set()
+    for hf_key, tensor in tensors:
+        for key, value in map_tensor(hf_key, tensor, config):
+            if key not in expected:
+                raise CheckpointError(f"unexpected tensor '{hf_key}' (the config has no '{key}')")
+            if tuple(value.shape) != expected[key]:
+                raise CheckpointError(
+                    f"tensor '{hf_key}' has shape {tuple(value.shape)}, the config implies {expected[key]}"
+                )
+            seen.add(key)
+            value = value.astype(DTYPES[dtype])
+            if quantize_bits and quantizable(key, value.shape, group_size):
+                bits = bits_for(key, quantize_bits, sensitive_bits)
+                yield from quantize_weight(key, value, bits, group_size).items()
+            else:
+                yield key, value
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
+
+
+def _shard_tensors(shards: list[Path], progress: tqdm) -> Iterator[tuple[str, mx.array]]:
+    """Every tensor of every shard, one shard open at a time, counted as it is consumed."""
+    for shard in shards:
+        for item in mx.load(str(shard)).items():
+            yield item
+            progress.update()
+
+
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path,
@@ -107,49 +170,23 @@ def convert(
     `quantize_bits` quantizes every matrix whose rows split into `group_size` groups; the PLE
     table, PLE projections and MoE router use at least `sensitive_bits` (8 unless asked).
     """
-    _check_options(dtype, quantize_bits, group_size, sensitive_bits)
+    options = dict(dtype=dtype, quantize_bits=quantize_bits, group_size=group_size, sensitive_bits=sensitive_bits)
+    _check_options(**options)  # before reading anything
     target = Path(mlx_path).expanduser()
     if target.exists():
         raise Gemma4Error(f"{target} already exists; choose a new --mlx-path or remove it")
     checkpoint = read_hf_checkpoint(hf_path)
-    config, expected = checkpoint.config, _expected_shapes(checkpoint.config)
+    config = checkpoint.config
 
     with staged_directory(target) as staging:
-        writer, seen, module_bits = _ShardWriter(staging), set(), {}
+        writer = _ShardWriter(staging)
         with tqdm(total=checkpoint.num_tensors, desc="Converting", unit="tensor") as progress:
-            for shard in checkpoint.shards:
-                for hf_key, tensor in mx.load(str(shard)).items():
-                    for key, value in map_tensor(hf_key, tensor, config):
-                        if key not in expected:
-                            raise CheckpointError(f"unexpected tensor '{hf_key}' in {shard.name}")
-                        if tuple(value.shape) != expected[key]:
-                            raise CheckpointError(
-                                f"tensor '{hf_key}' has shape {tuple(value.shape)}, the config implies {expected[key]}"
-                            )
-                        seen.add(key)
-                        value = value.astype(DTYPES[dtype])
-                        if quantize_bits and quantizable(key, value.shape, group_size):
-                            bits = bits_for(key, quantize_bits, sensitive_bits)
-                            module_bits[key[: -len(".weight")]] = bits
-                            for part_key, part in quantize_weight(key, value, bits, group_size).items():
-                                writer.add(part_key, part)
-                        else:
-                            writer.add(key, value)
-                    progress.update()
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise CheckpointError(f"checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
+            for key, value in convert_tensors(config, _shard_tensors(checkpoint.shards, progress), **options):
+                writer.add(key, value)
         writer.close()
 
-        out_config = config.to_dict()
-        if quantize_bits:
-            overrides = {m: {"bits": b} for m, b in sorted(module_bits.items()) if b != quantize_bits}
-            out_config["quantization"] = {
-                "group_size": group_size,
-                "bits": quantize_bits,
-                "mode": "affine",
-                "modules": overrides,
-            }
+        quantization = quantization_config(config, quantize_bits, group_size, sensitive_bits)
+        out_config = replace(config, quantization=quantization).to_dict()
         (staging / "config.json").write_text(json.dumps(out_config, indent=2))
         for name in COPIED_FILES:
             if (checkpoint.path / name).is_file():

@@ -1,13 +1,18 @@
 // norm_residual: out = (residual + RMSNorm(x) * w) * scale, the end of every Gemma 4 decoder
 // sub-block: post-attention norm + residual, post-feedforward norm + residual (times
 // layer_scalar when the layer has no PLE), and the PLE epilogue RMSNorm(per_layer_projection)
-// * w + residual, times layer_scalar.
-// In: x, residual [..., N] (rows of N = hidden_size), w [N], scale [1]. Out: like residual.
-// Grid: one threadgroup of TG threads per row (TG a multiple of 32, TG <= 1024).
-// Templates: T, N, TG, HAS_SCALE. Inputs: x, w, residual, scale, params float32 [eps].
-// Rounding follows the twin: normed value, sum and product are each stored in T.
+// * w + residual, times layer_scalar. With HAS_NEXT it also writes normed = RMSNorm(out) *
+// next_w, the norm the next sub-block starts with (pre-feedforward, the next layer's input
+// norm, or the final norm), so that norm costs no launch of its own.
+// In: x, residual [..., N] (rows of N = hidden_size), w [N], scale [1], next_w [N].
+// Out: out like residual; normed like residual with HAS_NEXT, else one unused element.
+// Grid: one threadgroup of TG threads per row (TG a multiple of 32, TG <= 1024); each thread
+// keeps its PER_THREAD = ceil(N / TG) outputs in registers for the second norm.
+// Templates: T, N, TG, HAS_SCALE, HAS_NEXT. Inputs: x, w, residual, scale, next_w, params
+// float32 [eps]. Rounding follows the twin: normed value, sum and product are each stored in T.
 
 // @kernel norm_residual
+  constexpr int PER_THREAD = (N + TG - 1) / TG;
   uint row = threadgroup_position_in_grid.x;
   uint t = thread_position_in_threadgroup.x;
   uint lane = thread_index_in_simdgroup;
@@ -23,8 +28,26 @@
   ss = block_sum<TG / 32>(ss, buf, lane, sg);
   float r = metal::precise::rsqrt(ss / float(N) + params[0]);
   float sc = HAS_SCALE ? static_cast<float>(scale[0]) : 1.0f;
-  for (uint i = t; i < uint(N); i += TG) {
-    float n = round_to<T>(static_cast<float>(x[base + i]) * r * static_cast<float>(w[i]));
-    float h = round_to<T>(static_cast<float>(residual[base + i]) + n);
-    out[base + i] = static_cast<T>(HAS_SCALE ? h * sc : h);
+  float kept[PER_THREAD];
+  float ss_out = 0.0f;
+  for (int k = 0; k < PER_THREAD; k++) {
+    uint i = t + uint(k) * TG;
+    if (i < uint(N)) {
+      float n = round_to<T>(static_cast<float>(x[base + i]) * r * static_cast<float>(w[i]));
+      float h = round_to<T>(static_cast<float>(residual[base + i]) + n);
+      h = HAS_SCALE ? round_to<T>(h * sc) : h;
+      out[base + i] = static_cast<T>(h);
+      kept[k] = h;
+      ss_out += h * h;
+    }
+  }
+  if (HAS_NEXT) {
+    ss_out = block_sum<TG / 32>(ss_out, buf, lane, sg);
+    float r_out = metal::precise::rsqrt(ss_out / float(N) + params[0]);
+    for (int k = 0; k < PER_THREAD; k++) {
+      uint i = t + uint(k) * TG;
+      if (i < uint(N)) {
+        normed[base + i] = static_cast<T>(kept[k] * r_out * static_cast<float>(next_w[i]));
+      }
+    }
   }

@@ -92,6 +92,19 @@ def _check_back_end_can_run(model: Model):
         )
 
 
+def _build_model(config: ModelConfig, weights: dict[str, mx.array], source: str) -> Model:
+    """`config`'s model holding converted `weights` (lazy ones stay lazy): quantized where the
+    weights hold `<module>.scales`, loaded strictly, projections fused."""
+    model = Model(config)
+    if config.quantization:
+        _quantize_like_checkpoint(model, config.quantization, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: weights do not match the config ({exc})") from None
+    return model.fuse_projections()
+
+
 def load_converted(path: Path) -> Model:
     """Build the model of a converted directory and load every weight strictly (lazily)."""
     config = ModelConfig.from_dict(read_config_file(path))
@@ -104,21 +117,24 @@ def load_converted(path: Path) -> Model:
             weights.update(mx.load(str(file)))
         except Exception as exc:  # MLX raises RuntimeError/ValueError for unreadable files
             raise CheckpointError(f"{file} could not be read ({exc})") from None
-    model = Model(config)
-    if config.quantization:
-        _quantize_like_checkpoint(model, config.quantization, weights)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: weights do not match the config ({exc})") from None
-    return model.fuse_projections()
+    return _build_model(config, weights, str(path))
 
 
 def _ready_to_run(model: Model) -> Model:
-    """Refuse what this back end cannot run, then read every weight in."""
+    """Refuse what this back end cannot run, then read every weight in. One layer at a time:
+    weights computed lazily (say, quantized from a bf16 source) then hold one layer's sources at most."""
     _check_back_end_can_run(model)
-    mx.eval(model.parameters())
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())  # what no layer holds: embeddings, final norm, PLE projection
     return model
+
+
+def model_from_weights(config: ModelConfig, weights: dict[str, mx.array]) -> Model:
+    """A ready model from converted weights held in memory, with no files: built as
+    `load_converted` builds a directory's. `config.quantization` is what `convert` would write
+    (`mlx_gemma4.convert.quantization_config`), `weights` what it would (`convert_tensors`)."""
+    return _ready_to_run(_build_model(config, weights, "in-memory weights"))
 
 
 def load_model(path_or_id: str | Path) -> Model:

@@ -68,7 +68,7 @@ def fuse_linears(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: LayerConfig, index: int, ops: KernelSet):
         super().__init__()
-        self.ops = ops  # custom kernels or their MLX twins, fixed at build (mlx_gemma4.kernels)
+        self.ops = ops  # custom kernels or their MLX twins, chosen at build (mlx_gemma4.kernels)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = layer.num_kv_heads
         self.head_dim = layer.head_dim
@@ -86,7 +86,11 @@ class Attention(nn.Module):
         self.projections = tuple(name for name in ("q_proj", "k_proj", "v_proj") if name in self)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rope = LayerRoPE(layer.rope, layer.head_dim)
-        self.decode_attention = ops.sliding_decode_attention if layer.is_sliding else ops.full_decode_attention
+        self.is_sliding = layer.is_sliding
+
+    @property
+    def decode_attention(self):
+        return self.ops.sliding_decode_attention if self.is_sliding else self.ops.full_decode_attention
 
     def __call__(self, x, mask, rope_offset, cache=None, shared_kv=None):
         B, L, _ = x.shape
@@ -179,13 +183,17 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def __call__(self, h, mask, rope_offset, cache=None, shared_kv=None, per_layer_input=None):
-        norm_residual = self.ops.norm_residual  # (residual + RMSNorm(x) * w) * scale, one pass
-        attn, kv = self.self_attn(self.input_layernorm(h), mask, rope_offset, cache, shared_kv)
-        h = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps)
+    def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_input=None):
+        """`normed`: input_layernorm(h), computed by the layer before. Returns (h, h normed by
+        `next_norm`, the next layer's input norm or the final norm, kv)."""
+        # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
+        norm_residual = self.ops.norm_residual
+        attn, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
+        h, mlp_input = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps,
+                                     self.pre_feedforward_layernorm.weight)
 
         residual = h
-        m = self.mlp(self.pre_feedforward_layernorm(h))
+        m = self.mlp(mlp_input)
         if "router" in self:
             # The router and the experts read the post-attention residual, not the dense branch's input.
             weights, indices = self.router(residual)
@@ -194,11 +202,13 @@ class DecoderLayer(nn.Module):
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(experts)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
         if per_layer_input is None:
-            return norm_residual(m, self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps), kv
+            return *norm_residual(m, self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
+                                  next_norm), kv
         h = norm_residual(m, self.post_feedforward_layernorm.weight, residual, None, self.eps)
         gate = gelu_gate(self.per_layer_input_gate(h), per_layer_input)
         projected = self.per_layer_projection(gate)
-        return norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps), kv
+        return *norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
+                              next_norm), kv
 
 
 def _expert_glu(up: mx.array, gate: mx.array) -> mx.array:
@@ -210,7 +220,7 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig, kernels: bool | None = None):
         """`kernels`: custom GPU kernels (True) or their MLX twins (False); None picks kernels
-        where MLX has a GPU back end and MLX_GEMMA4_KERNELS is not "0". Fixed for the model's life."""
+        where MLX has a GPU back end and MLX_GEMMA4_KERNELS is not "0". See `use_kernels`."""
         super().__init__()
         self.config = config
         self.ops = select_kernels(kernels)
@@ -231,6 +241,12 @@ class Model(nn.Module):
             self._first_cache_of_type.setdefault(config.layers[layer].layer_type, index)
         # Layers whose K/V a later KV-shared layer reads; only these are kept during a forward.
         self._kv_sources = {layer.kv_source for i, layer in enumerate(config.layers) if layer.kv_source != i}
+
+    def use_kernels(self, ops: KernelSet):
+        """Run with the kernel set `ops` from now on (benchmarks compare sets on one model)."""
+        for module in [self, *self.layers, *(layer.self_attn for layer in self.layers)]:
+            module.ops = ops
+        self._compiled_decode = None  # traced with the old set
 
     def fuse_projections(self) -> "Model":
         """Fuse each layer's q/k/v and gate/up projections into one matmul each (after loading
@@ -269,36 +285,42 @@ class Model(nn.Module):
             tokens, context, self.per_layer_projection_norm.weight, self.config.hidden_size, self.config.rms_norm_eps
         )
 
-    def _logits(self, h: mx.array) -> mx.array:
-        h = self.norm(h)
-        logits = self.lm_head(h) if "lm_head" in self else self.embed_tokens.as_linear(h)
+    def _logits(self, normed: mx.array) -> mx.array:
+        """Logits from the decoder output already through the final norm."""
+        logits = self.lm_head(normed) if "lm_head" in self else self.embed_tokens.as_linear(normed)
         cap = self.config.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
     def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool) -> mx.array:
-        """Hidden states after the decoder; `stop_at_shared` ends before the first KV-shared layer."""
+        """The decoder's output through the final norm; `stop_at_shared` ends before the first
+        KV-shared layer (the output is then not the model's and goes unread)."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
         # Caches of one layer type share offsets, so the first of each type builds the mask.
         masks = {kind: cache[index].make_mask(L) for kind, index in self._first_cache_of_type.items()}
         offset = cache[0].rope_offset()
+        # Each layer norms its output with the next layer's input norm (the last: the final norm).
+        next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
+        normed = self.layers[0].input_layernorm(h)
         shared = {}
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             owner = spec.kv_source == i
             if stop_at_shared and not owner:
                 break
-            h, kv = layer(
+            h, normed, kv = layer(
                 h,
+                normed,
                 masks[spec.layer_type],
                 offset,
+                next_norms[i],
                 cache[self._cache_index[i]] if owner else None,
                 None if owner else shared[spec.kv_source],
                 None if per_layer is None else per_layer[:, :, i],
             )
             if i in self._kv_sources:
                 shared[i] = kv
-        return h
+        return normed
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         """Logits for every position, [B, L, vocab]; advances `cache` by L."""

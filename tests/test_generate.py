@@ -132,3 +132,24 @@ def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     before = mx.get_active_memory()
     mx.eval(step(mx.array([[6]]), cache))
     assert mx.get_peak_memory() - before < (16 << 20)
+
+
+def test_use_kernels_reaches_every_layer_and_the_compiled_step(checkpoints):
+    import dataclasses
+
+    from mlx_gemma4.kernels import TWINS, norm_residual_ref
+
+    model = checkpoints.model("ple_shared")
+    prompt = checkpoints.prompt("ple_shared", 9, seed=8)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=6, stop_ids=[]))
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return norm_residual_ref(*args)
+
+    model.use_kernels(dataclasses.replace(TWINS, norm_residual=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=6, stop_ids=[])) == expected
+    # Three sub-block ends per layer in the last prompt token's forward and in the traced
+    # decode step (plus the prompt's cache-filling layers).
+    assert len(calls) >= 2 * 3 * len(model.layers)

@@ -29,12 +29,11 @@ class KernelSet:
 
 
 # Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
-# (metal/README.md has the table). norm_residual loses at decode by a microsecond or two of
-# per-call overhead; decode_attention loses on full layers with GQA groups at 4k.
+# (metal/README.md has the table). decode_attention loses on full layers with GQA groups at 4k.
 KERNELS = KernelSet(
     rope_norm=rope_norm,
     ple_inputs=ple_inputs,
-    norm_residual=norm_residual_ref,
+    norm_residual=norm_residual,
     sliding_decode_attention=decode_attention,
     full_decode_attention=decode_attention_ref,
     uses_kernels=True,

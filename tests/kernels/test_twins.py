@@ -49,6 +49,11 @@ def test_norm_residual_ref():
     w, s = mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(4)), mx.array([0.3])
     np.testing.assert_allclose(np64(norm_residual_ref(x, w, r, s, EPS)), (np64(r) + rms(np64(x), np64(w))) * 0.3, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np64(norm_residual_ref(x, w, r, None, EPS)), np64(r) + rms(np64(x), np64(w)), rtol=1e-5, atol=1e-6)
+    next_w = mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(5))
+    h, normed = norm_residual_ref(x, w, r, s, EPS, next_w)
+    expected = (np64(r) + rms(np64(x), np64(w))) * 0.3
+    np.testing.assert_allclose(np64(h), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np64(normed), rms(expected, np64(next_w)), rtol=1e-5, atol=1e-5)
 
 
 def test_ple_inputs_ref():
