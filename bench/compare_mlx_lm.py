@@ -1,8 +1,9 @@
 """Side-by-side speed of mlx_gemma4 and mlx-lm on the same random-weight Gemma 4 checkpoint.
 
-For each model and quantization, both runtimes load a checkpoint made from one Hugging Face
-directory of random bf16 weights, then run the same seeded prompts: prompt tok/s, time to
-first token, greedy decode tok/s, peak memory and the decode bandwidth they achieve.
+For each model and quantization, both runtimes get models made from one set of random bf16
+Hugging Face weights, then run the same seeded prompts: prompt tok/s, time to first token,
+greedy decode tok/s, peak memory and the decode bandwidth they achieve. The weights come from
+a checkpoint on disk, or (for models too large for that) from a lazy stream built in memory.
 
     python bench/compare_mlx_lm.py --models e2b-mini,26b-a4b-mini --quant bf16,4bit
 """
@@ -10,6 +11,7 @@ first token, greedy decode tok/s, peak memory and the decode bandwidth they achi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import hashlib
@@ -22,7 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -32,12 +34,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import _get_classes as mlx_lm_model_classes
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model, save_config, save_model
 
 import mlx_gemma4
+from mlx_gemma4.config import from_hf_config
+from mlx_gemma4.convert import convert_tensors, quantization_config
 from mlx_gemma4.convert.write import staged_directory
 from mlx_gemma4.generate import prefill as mlx_gemma4_prefill
+from mlx_gemma4.load import model_from_weights
 
 from configs import MODELS, default_prompt_lengths  # bench/ is on sys.path when run as a script
 
@@ -46,6 +52,9 @@ DEFAULT_WORKDIR = Path("/tmp/mlx_gemma4_bench")
 QUANT_BITS = {"bf16": None, "8bit": 8, "4bit": 4}
 GROUP_SIZE = 64
 SHARD_BYTES = 2 << 30  # 2 GiB shards: the writer holds one shard of random weights at a time
+# The file path keeps a bf16 source, our bf16 copy and both runtimes' 8- and 4-bit copies, about
+# 3.6x the source: within the GPU machine's 64 GB disk up to e4b (15 GB), not 26b-a4b (50 GB).
+FILE_PATH_MAX_BF16_BYTES = 16e9
 WEIGHT_STD = 0.02  # small enough that activations stay far from bf16 overflow over 60 layers
 # Norm weights, layer scalars and router scales multiply activations: keep them near 1, not exactly 1.
 SCALE_VECTOR = re.compile(r"(norm(_\d)?\.weight|layer_scalar|router\.scale|router\.per_expert_scale)$")
@@ -116,10 +125,24 @@ def hf_tensor_shapes(text: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...]) -> mx.array:
+def bf16_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(2 * int(np.prod(shape)) for shape in shapes.values())
+
+
+def random_tensor(name: str, shape: tuple[int, ...], key: mx.array | None = None) -> mx.array:
+    """One random bf16 tensor, from `key` or else from MLX's global random state."""
     if SCALE_VECTOR.search(name):
-        return mx.random.uniform(0.9, 1.1, shape, dtype=mx.bfloat16)
-    return mx.random.normal(shape, dtype=mx.bfloat16, scale=WEIGHT_STD)
+        return mx.random.uniform(0.9, 1.1, shape, dtype=mx.bfloat16, key=key)
+    return mx.random.normal(shape, dtype=mx.bfloat16, scale=WEIGHT_STD, key=key)
+
+
+def random_hf_tensors(text: dict, seed: int) -> Iterator[tuple[str, mx.array]]:
+    """The random checkpoint as a lazy stream of (name, tensor), nothing computed or written.
+    Each tensor has its own key, from `seed` and its index: every call yields the same values."""
+    shapes = hf_tensor_shapes(text)
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    for index, (name, shape) in enumerate(shapes.items()):
+        yield name, random_tensor(name, shape, keys[index])
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
@@ -149,8 +172,7 @@ def write_hf_checkpoint(text: dict, directory: Path, seed: int):
             mx.save_safetensors(str(staging / file), tensors, metadata={"format": "pt"})
             weight_map.update({name: file for name in names})
             del tensors  # free this shard before the next one is generated
-        total_size = sum(2 * int(np.prod(shape)) for shape in shapes.values())
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": bf16_bytes(shapes)}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (staging / "config.json").write_text(json.dumps(text, indent=2))
 
@@ -191,11 +213,56 @@ def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: b
         log(f"quantizing with mlx_lm.utils.quantize_model to {target}")
         # mlx_lm.convert minus the tokenizer copy: the random checkpoint has no tokenizer.
         model, config = mlx_lm_load_model(hf_dir, lazy=True)
-        model, config = quantize_model(model, config, GROUP_SIZE, bits)
+        model, config = quantize_like_mlx_lm_convert(model, config, bits)
         with staged_directory(target) as staging:
             save_model(staging, model, donate_model=True)
             save_config(config, staging / "config.json")
     return target
+
+
+def quantize_like_mlx_lm_convert(model, config: dict, bits: int):
+    """`quantize_model` as mlx_lm.convert calls it (the model's own quant_predicate)."""
+    with contextlib.redirect_stdout(sys.stderr):  # its bits-per-weight note is progress, not report
+        return quantize_model(model, config, GROUP_SIZE, bits)
+
+
+def load_mlx_lm_model(path: Path):
+    return mlx_lm_load_model(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models built in memory from the random stream: no checkpoint on disk
+
+
+def evaluate_by_layer(model):
+    """Compute the lazy weights one layer at a time, so one layer's bf16 sources exist at most."""
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def build_mlx_gemma4(text: dict, seed: int, quant: str) -> mlx_gemma4.Model:
+    """Ours: the stream through the converter's per-tensor path, as the file path converts it."""
+    bits = QUANT_BITS[quant]
+    config = from_hf_config(text)
+    tensors = convert_tensors(
+        config, random_hf_tensors(text, seed), dtype="bfloat16", quantize_bits=bits, group_size=GROUP_SIZE
+    )
+    config = replace(config, quantization=quantization_config(config, bits, GROUP_SIZE))
+    return model_from_weights(config, dict(tensors))  # evaluated one layer at a time
+
+
+def build_mlx_lm(text: dict, seed: int, quant: str):
+    """mlx-lm: the stream loaded as mlx_lm.utils.load_model loads the HF directory, then
+    quantized as prepare_mlx_lm_checkpoint quantizes it."""
+    model_class, args_class = mlx_lm_model_classes(text)
+    model = model_class(args_class.from_dict(text))
+    model.eval()
+    model.load_weights(list(model.sanitize(dict(random_hf_tensors(text, seed))).items()), strict=True)
+    if QUANT_BITS[quant] is not None:
+        model, _ = quantize_like_mlx_lm_convert(model, text, QUANT_BITS[quant])
+    evaluate_by_layer(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +276,7 @@ class Runtime:
     decode: Callable[[mx.array, int], Iterator[int]]  # prompt [L], n -> n greedy token ids, EOS ignored
 
 
-def load_mlx_gemma4(path: Path, prefill_step_size: int) -> Runtime:
-    model = mlx_gemma4.load_model(path)
-
+def mlx_gemma4_runtime(model: mlx_gemma4.Model, prefill_step_size: int) -> Runtime:
     def prefill(prompt: mx.array) -> mx.array:
         return mlx_gemma4_prefill(model, prompt[None], model.make_cache(), prefill_step_size)
 
@@ -223,9 +288,7 @@ def load_mlx_gemma4(path: Path, prefill_step_size: int) -> Runtime:
     return Runtime(model, prefill, decode)
 
 
-def load_mlx_lm(path: Path, prefill_step_size: int) -> Runtime:
-    model, _ = mlx_lm_load_model(path)
-
+def mlx_lm_runtime(model, prefill_step_size: int) -> Runtime:
     def prefill(prompt: mx.array) -> mx.array:
         # generate_step's prompt loop: chunks fill the cache, the last token alone yields logits.
         cache = make_prompt_cache(model)
@@ -276,19 +339,28 @@ def time_decode(runtime: Runtime, prompt: mx.array, num_tokens: int) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def fresh_peak_memory():
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
 def measure(
-    load: Callable[[], Runtime],
+    make_model: Callable[[], object],
+    make_runtime: Callable[[object], Runtime],
     prompts: dict[int, mx.array],
     decode_prompt: mx.array,
     gen_tokens: int,
     trials: int,
     expert_fraction: float,
+    peak_after_build: bool,
 ) -> dict:
-    """Load one runtime and time it; peak memory covers loading and every run."""
-    gc.collect()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    runtime = load()
+    """Build one runtime and time it. Peak memory covers loading and every run, or with
+    `peak_after_build` (weights built in memory) only the runs: random generation is no load cost."""
+    fresh_peak_memory()
+    runtime = make_runtime(make_model())
+    if peak_after_build:
+        fresh_peak_memory()
     result = {"decode_weight_bytes": decode_weight_bytes(runtime.model, expert_fraction), "prompt": {}}
     for length, prompt in prompts.items():
         time_prefill(runtime, prompt)  # warm-up: first use of each shape compiles / allocates
@@ -303,8 +375,10 @@ def measure(
 def compare(model: str, quant: str, args) -> dict:
     """Both runtimes on one model and quantization; a runtime that fails is reported, not fatal."""
     text = MODELS[model]
-    root = model_workdir(args.workdir, model, args.seed)
-    hf_dir = prepare_hf_checkpoint(root, model, args.seed)
+    in_memory = builds_in_memory(model, args)
+    if not in_memory:
+        root = model_workdir(args.workdir, model, args.seed)
+        hf_dir = prepare_hf_checkpoint(root, model, args.seed)
 
     rng = np.random.default_rng(args.seed)
     lengths = args.prompt_lengths or default_prompt_lengths(model)
@@ -312,23 +386,37 @@ def compare(model: str, quant: str, args) -> dict:
     decode_prompt = mx.array(rng.integers(MIN_TOKEN_ID, text["vocab_size"], args.decode_prompt_length), dtype=mx.int32)
     expert_fraction = text["top_k_experts"] / text["num_experts"] if text.get("enable_moe_block") else 1.0
 
-    result = {"model": model, "quant": quant, "prompt_lengths": list(lengths)}
+    weights = "in memory" if in_memory else "files"
+    result = {"model": model, "quant": quant, "weights": weights, "prompt_lengths": list(lengths)}
     runtimes = {
-        "mlx_gemma4": (prepare_mlx_gemma4_checkpoint, load_mlx_gemma4),
-        "mlx_lm": (prepare_mlx_lm_checkpoint, load_mlx_lm),
+        "mlx_gemma4": (prepare_mlx_gemma4_checkpoint, mlx_gemma4.load_model, build_mlx_gemma4, mlx_gemma4_runtime),
+        "mlx_lm": (prepare_mlx_lm_checkpoint, load_mlx_lm_model, build_mlx_lm, mlx_lm_runtime),
     }
-    for key, (prepare, load) in runtimes.items():
-        log(f"{model} {quant}: {key}")
+    for key, (prepare, load, build, runtime) in runtimes.items():
+        log(f"{model} {quant}: {key} ({weights})")
         try:
-            path = prepare(hf_dir, root, quant, args.reconvert)
-            load_runtime = partial(load, path, args.prefill_step_size)
-            result[key] = measure(load_runtime, prompts, decode_prompt, args.gen_tokens, args.trials, expert_fraction)
+            if in_memory:
+                make_model = partial(build, text, args.seed, quant)
+            else:
+                make_model = partial(load, prepare(hf_dir, root, quant, args.reconvert))
+            make_runtime = partial(runtime, prefill_step_size=args.prefill_step_size)
+            result[key] = measure(
+                make_model, make_runtime, prompts, decode_prompt, args.gen_tokens, args.trials, expert_fraction,
+                peak_after_build=in_memory,
+            )
         except Exception as exc:  # converter, loader or runtime failure: keep the traceback, go on
             log(traceback.format_exc())
             result[key] = {"error": f"{type(exc).__name__}: {exc}"}
         gc.collect()  # drop this runtime's model before the next one loads
         mx.clear_cache()
     return result
+
+
+def builds_in_memory(model: str, args) -> bool:
+    """--in-memory / --no-in-memory if given, else in memory when the bf16 source is too large for disk."""
+    if args.in_memory is not None:
+        return args.in_memory
+    return bf16_bytes(hf_tensor_shapes(MODELS[model])) > FILE_PATH_MAX_BF16_BYTES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,12 +515,25 @@ def markdown_table(results: list[dict], bandwidth_gbs: float) -> str:
     return "\n".join(lines)
 
 
+WEIGHT_PATHS = {
+    "files": "a random bf16 HF checkpoint on disk, converted by each runtime's converter (cached "
+    "under --workdir); peak memory counts from before loading",
+    "in memory": "random bf16 HF tensors drawn lazily (one key per tensor), converted and loaded by "
+    "each runtime in memory, no files; peak memory counts from after the build, so it covers the "
+    "runs (weights, caches, activations), not the random generation",
+}
+
+
 def print_report(env: dict, args, results: list[dict]):
     info = ", ".join(f"{k}={v}" for k, v in env["device_info"].items())
     print(f"# mlx_gemma4 vs mlx-lm, {env['date']}")
     print(f"- device: {env['device']} ({info})")
     print(f"- mlx {env['mlx']}, mlx-lm {env['mlx_lm']}, mlx_gemma4 commit {env['mlx_gemma4_commit']}")
     print(f"- roofline bandwidth: {env['bandwidth_gbs']:g} GB/s ({env['bandwidth_source']})")
+    for weights, description in WEIGHT_PATHS.items():
+        models = sorted({r["model"] for r in results if r["weights"] == weights}, key=list(MODELS).index)
+        if models:
+            print(f"- weights of {', '.join(models)}: {description}")
     print(
         f"- random bf16 weights, batch 1, median of {args.trials} trials after a warm-up; prefill step "
         f"{args.prefill_step_size}; decode: {args.gen_tokens} greedy tokens after a "
@@ -524,6 +625,13 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="checkpoint cache, reused across runs")
     parser.add_argument("--reconvert", action="store_true", help="convert again (after a converter change)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the prompts")
+    parser.add_argument(
+        "--in-memory",
+        action=argparse.BooleanOptionalAction,
+        help=f"build both models in memory from a lazy random stream, writing no files (default: "
+        f"in memory when the bf16 HF checkpoint exceeds {FILE_PATH_MAX_BF16_BYTES / 1e9:g} GB, i.e. "
+        f"26b-a4b and 31b; from files on disk otherwise)",
+    )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")
     args = parser.parse_args(argv)

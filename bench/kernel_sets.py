@@ -54,21 +54,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="e2b")
     parser.add_argument("--quant", default="bf16")
-    parser.add_argument("--checkpoint", type=Path, help="a converted directory (else made as compare_mlx_lm.py does)")
+    parser.add_argument("--checkpoint", type=Path, help="a converted directory (else random weights built in memory)")
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx_gemma4_bench"))
     args = parser.parse_args()
     if not (mx.metal.is_available() or mx.cuda.is_available()):
         sys.exit("bench/kernel_sets.py compares kernels, which need MLX's Metal or CUDA back end")
-    path = args.checkpoint
-    if path is None:
-        from compare_mlx_lm import model_workdir, prepare_hf_checkpoint, prepare_mlx_gemma4_checkpoint
+    if args.checkpoint:
+        model = mlx_gemma4.load_model(args.checkpoint)
+    else:  # the in-memory path of compare_mlx_lm.py: through the converter, nothing on disk
+        from compare_mlx_lm import build_mlx_gemma4
+        from configs import MODELS
 
-        root = model_workdir(args.workdir, args.model, 0)
-        path = prepare_mlx_gemma4_checkpoint(prepare_hf_checkpoint(root, args.model, 0), root, args.quant, False)
-    model = mlx_gemma4.load_model(path)
+        model = build_mlx_gemma4(MODELS[args.model], 0, args.quant)
     prompt = np.random.default_rng(0).integers(10, model.config.vocab_size, args.prompt_length).tolist()
     sets = kernel_sets()
     decode, prompt_rate = {name: [] for name in sets}, {name: [] for name in sets}

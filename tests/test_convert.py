@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +15,9 @@ from hf_checkpoints import F, S, VARIANTS
 
 import mlx_gemma4
 from mlx.utils import tree_flatten
+from mlx_gemma4.convert import convert_tensors, quantization_config
+from mlx_gemma4.convert.hf import read_hf_checkpoint
+from mlx_gemma4.load import model_from_weights
 from mlx_gemma4.model import Model
 from mlx_gemma4.errors import Gemma4Error
 
@@ -120,6 +124,18 @@ def test_more_bits_track_the_float_model_closer(checkpoints, name):
     eight, four = relative_error(8), relative_error(4)
     print(f"{name}: mean relative logit error 8-bit {eight:.4f}, 4-bit {four:.4f}")
     assert eight < 0.1 and eight < four / 3
+
+
+def test_in_memory_conversion_builds_the_model_of_the_converted_directory(checkpoints):
+    """convert_tensors + quantization_config + model_from_weights: convert and load, no files."""
+    checkpoint = read_hf_checkpoint(checkpoints.hf_dir("moe"))
+    tensors = (item for shard in checkpoint.shards for item in mx.load(str(shard)).items())
+    weights = dict(convert_tensors(checkpoint.config, tensors, dtype="float32", quantize_bits=4, group_size=32))
+    quantization = quantization_config(checkpoint.config, 4, group_size=32)
+    assert quantization == converted_config(checkpoints, "moe", quantize_bits=4)["quantization"]
+    model = model_from_weights(replace(checkpoint.config, quantization=quantization), weights)
+    ids = mx.array(checkpoints.prompt("moe", 12))
+    assert np.array_equal(np.array(model(ids)), np.array(checkpoints.model("moe", "float32", 4)(ids)))
 
 
 def corrupt_first_shard(directory):
