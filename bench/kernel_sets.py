@@ -1,5 +1,6 @@
 """Model-level worth of each custom kernel: decode and prompt tok/s of ONE loaded checkpoint
-under several kernel sets, trials interleaved so that drift in the machine hits every set alike.
+under several kernel sets, trials interleaved in a new random order each round, so that drift in
+the machine hits every set alike.
 
     python bench/kernel_sets.py --model e2b --quant bf16 [--trials 5]
 
@@ -58,6 +59,7 @@ def main():
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--sets", help="comma-separated set names to run (default: all of them)")
     args = parser.parse_args()
     if not (mx.metal.is_available() or mx.cuda.is_available()):
         sys.exit("bench/kernel_sets.py compares kernels, which need MLX's Metal or CUDA back end")
@@ -70,11 +72,14 @@ def main():
         model = build_mlx_gemma4(MODELS[args.model], 0, args.quant)
     prompt = np.random.default_rng(0).integers(10, model.config.vocab_size, args.prompt_length).tolist()
     sets = kernel_sets()
+    if args.sets:
+        sets = {name: sets[name] for name in args.sets.split(",")}
+    order = np.random.default_rng(1)
     decode, prompt_rate = {name: [] for name in sets}, {name: [] for name in sets}
     traced = {}  # each set's compiled decode step, traced once and reused every round
     for trial in range(args.trials + 1):  # the first round warms every set up
-        for name, ops in sets.items():
-            model.use_kernels(ops)
+        for name in order.permutation(list(sets)).tolist():  # a new order each round: no set always goes first
+            model.use_kernels(sets[name])
             model._compiled_decode = traced.get(name)
             d, p = decode_tok_s(model, prompt, args.gen_tokens), prompt_tok_s(model, prompt)
             traced[name] = model._compiled_decode
