@@ -270,11 +270,11 @@ class StepView:
 
     @staticmethod
     def prepare(cache: _PaddedCache):
-        """Give a filled `cache` room for one more token; sliding rings go to full capacity at once."""
+        """Give a filled `cache` room for one more token, ALLOC_STEP slots at a time: attention
+        reads every slot of the buffer, so a ring grows to its capacity only as tokens come."""
+        slots = -(-(cache.offset + 1) // ALLOC_STEP) * ALLOC_STEP
         if isinstance(cache, SlidingKVCache):
-            slots = cache.capacity  # slot p % capacity holds position p, also while the ring grows
-        else:
-            slots = -(-(cache.offset + 1) // ALLOC_STEP) * ALLOC_STEP
+            slots = min(slots, cache.capacity)  # slot p % capacity holds position p, also while the ring grows
         if slots > cache.keys.shape[2]:
             cache.keys, cache.values = _grow(cache.keys, cache.keys, slots), _grow(cache.values, cache.values, slots)
 
