@@ -5,7 +5,7 @@ the machine hits every set alike.
     python bench/kernel_sets.py --model e2b --quant bf16 [--trials 5]
 
 Sets: `twins` (no kernel), `chosen` (what the model uses: mlx_gemma4.kernels.KERNELS), `all`
-(every kernel), and `chosen` with one kernel flipped (on if chosen leaves it off, else off).
+(every kernel), and `chosen` with one kernel flipped: `chosen -name` (off) or `chosen +name` (on).
 A kernel earns its place in KERNELS where flipping it off costs speed. Needs a GPU back end.
 """
 
@@ -36,7 +36,7 @@ def kernel_sets() -> dict[str, KernelSet]:
     for name in KERNEL_FIELDS:
         on = getattr(KERNELS, name) is not getattr(TWINS, name)
         flipped = getattr(TWINS if on else ALL_KERNELS, name)
-        sets[f"chosen, {name} {'off' if on else 'on'}"] = dataclasses.replace(KERNELS, **{name: flipped})
+        sets[f"chosen {'-' if on else '+'}{name}"] = dataclasses.replace(KERNELS, **{name: flipped})
     return sets
 
 
