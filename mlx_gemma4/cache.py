@@ -64,6 +64,17 @@ class _PaddedCache(_BaseCache):
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def _allocated_after(self, end: int) -> int:
+        """Slots the buffers will have once positions up to `end` are stored."""
+        allocated = 0 if self.keys is None else self.keys.shape[2]
+        return allocated if end <= allocated else (end + ALLOC_STEP - 1) // ALLOC_STEP * ALLOC_STEP
+
+    def _ensure_slots(self, like: mx.array, end: int):
+        """Grow the buffers (shaped after `like` when there are none) to `_allocated_after(end)`."""
+        slots = self._allocated_after(end)
+        if self.keys is None or slots > self.keys.shape[2]:
+            self.keys, self.values = _grow(self.keys, like, slots), _grow(self.values, like, slots)
+
 
 class KVCache(_PaddedCache):
     """Full-attention cache: every token, in order, in buffers that grow by ALLOC_STEP."""
@@ -81,9 +92,7 @@ class KVCache(_PaddedCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         end = self.offset + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            slots = (end + ALLOC_STEP - 1) // ALLOC_STEP * ALLOC_STEP
-            self.keys, self.values = _grow(self.keys, keys, slots), _grow(self.values, values, slots)
+        self._ensure_slots(keys, end)
         self.keys[..., self.offset : end, :] = keys
         self.values[..., self.offset : end, :] = values
         self.offset = end
@@ -166,16 +175,9 @@ class SlidingKVCache(_PaddedCache):
         return self._finish_mask(mask[None, None], key_slots)
 
     def _allocated_after(self, end: int) -> int:
-        """Slots the buffers will have once positions up to `end` are stored."""
         allocated = 0 if self.keys is None else self.keys.shape[2]
-        if end <= allocated or allocated >= self.capacity:
-            return allocated
-        return min(self.capacity, (end + ALLOC_STEP - 1) // ALLOC_STEP * ALLOC_STEP)
-
-    def _ensure_slots(self, like: mx.array, end: int):
-        slots = self._allocated_after(end)
-        if self.keys is None or slots > self.keys.shape[2]:
-            self.keys, self.values = _grow(self.keys, like, slots), _grow(self.values, like, slots)
+        # A ring stops growing at its capacity: slot p % capacity holds position p.
+        return max(allocated, min(self.capacity, super()._allocated_after(end)))
 
     def _ordered(self, buffer: mx.array, start: int, stop: int) -> mx.array:
         """Slots holding positions start..stop-1 (fewer than capacity), in position order."""
@@ -270,13 +272,9 @@ class StepView:
 
     @staticmethod
     def prepare(cache: _PaddedCache):
-        """Give a filled `cache` room for one more token, ALLOC_STEP slots at a time: attention
-        reads every slot of the buffer, so a ring grows to its capacity only as tokens come."""
-        slots = -(-(cache.offset + 1) // ALLOC_STEP) * ALLOC_STEP
-        if isinstance(cache, SlidingKVCache):
-            slots = min(slots, cache.capacity)  # slot p % capacity holds position p, also while the ring grows
-        if slots > cache.keys.shape[2]:
-            cache.keys, cache.values = _grow(cache.keys, cache.keys, slots), _grow(cache.values, cache.values, slots)
+        """Give a filled `cache` room for one more token, by the cache's own growth rule:
+        attention reads every slot of the buffer, so a ring grows to its capacity only as tokens come."""
+        cache._ensure_slots(cache.keys, cache.offset + 1)
 
     @staticmethod
     def commit(cache: _PaddedCache, keys: mx.array, values: mx.array):

@@ -147,7 +147,7 @@ def load(path_or_id: str | Path):
     from .tokenizer import Tokenizer
 
     path = resolve_model_path(path_or_id)
-    return _ready_to_run(load_converted(path)), Tokenizer.from_dir(path)
+    return load_model(path), Tokenizer.from_dir(path)
 
 
 from ._callable import make_module_callable  # noqa: E402  (needs `load` defined above)

@@ -18,7 +18,8 @@ from .rope_norm import rope_norm, rope_norm_ref
 
 @dataclass(frozen=True)
 class KernelSet:
-    """The functions a model calls; each is a kernel or its twin, fixed when the model is built."""
+    """The functions a model calls; each is a kernel or its twin, chosen when the model is built
+    (`Model.use_kernels` switches sets)."""
 
     rope_norm: Callable
     ple_inputs: Callable
