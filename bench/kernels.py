@@ -1,7 +1,7 @@
 """Each custom kernel against its MLX twin at the shapes the real models run (E2B, E4B,
 26B-A4B, 31B; decode with a 4096-token context and 512-token prefill chunks), bfloat16.
 
-    python bench/kernels.py [--models e2b,31b] [--out table.md]
+    python bench/kernels.py [--models e2b,31b] [--kernels gelu_gate] [--out table.md]
 
 Prints a markdown table: median microseconds per call (kernel and twin, both timed the way the
 model runs them, compiled at decode and eager at prefill, in batches of calls built and evaluated
@@ -27,7 +27,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM  # noqa: E402
 from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
-    decode_attention, decode_attention_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
+    decode_attention, decode_attention_ref, gelu_gate, gelu_gate_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
     rope_norm, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE  # noqa: E402
@@ -79,6 +79,16 @@ def bench_ple_inputs(config, phase):
     yield f"[1,{L},{n},{P}]", lambda: (_rand((1, L, n, P), 0.05), _rand((1, L, n, P), 30.0), _rand((P,)) + 1, config.hidden_size, EPS)
 
 
+def bench_gelu_gate(config, phase):
+    L = 1 if phase == "decode" else PREFILL
+    I = _layer(config, "sliding_attention").intermediate_size
+    # As the model calls it: the halves of the fused gate|up output; PLE: one layer's slice.
+    yield f"mlp halves [1,{L},{I}]", lambda: (*mx.split(_rand((1, L, 2 * I)), 2, axis=-1),)
+    P, n = config.hidden_size_per_layer_input, config.num_hidden_layers
+    if P:
+        yield f"ple gate [1,{L},{P}]", lambda: (_rand((1, L, P)), _rand((1, L, n, P))[:, :, n // 2])
+
+
 def bench_decode_attention(config, phase):
     if phase != "decode":
         return  # prefill blocks (L > 8) take MLX's fused SDPA
@@ -100,6 +110,7 @@ BENCHES = {
     "rope_norm": (bench_rope_norm, rope_norm, rope_norm_ref),
     "ple_inputs": (bench_ple_inputs, ple_inputs, ple_inputs_ref),
     "norm_residual": (bench_norm_residual, norm_residual, norm_residual_ref),
+    "gelu_gate": (bench_gelu_gate, gelu_gate, gelu_gate_ref),
     "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
 }
 
@@ -141,7 +152,7 @@ def time_us(fn, sets, batch=32, repeats=15) -> float:
     return statistics.median(samples)
 
 
-def run(models, out_path=None):
+def run(models, kernels, out_path=None):
     rows = []
     header = "| kernel | model | phase | shape | twin us | kernel us | speedup | kernel GB/s |"
     print(header + "\n|---|---|---|---|---:|---:|---:|---:|", flush=True)
@@ -149,7 +160,8 @@ def run(models, out_path=None):
         from configs import MODELS
 
         config = from_hf_config(MODELS[name])
-        for kernel_name, (cases, kernel, twin) in BENCHES.items():
+        for kernel_name in kernels:
+            cases, kernel, twin = BENCHES[kernel_name]
             for phase in ("decode", "prefill"):
                 for shape, make in cases(config, phase):
                     first = make()
@@ -171,12 +183,13 @@ def run(models, out_path=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
+    parser.add_argument("--kernels", default=",".join(BENCHES))
     parser.add_argument("--out")
     args = parser.parse_args()
     if not (mx.metal.is_available() or mx.cuda.is_available()):
         sys.exit("bench/kernels.py needs MLX's Metal or CUDA back end (kernels do not run on CPU)")
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
-    run(args.models.split(","), args.out)
+    run(args.models.split(","), args.kernels.split(","), args.out)
 
 
 if __name__ == "__main__":

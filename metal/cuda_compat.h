@@ -56,6 +56,7 @@ __device__ inline int min(int a, int b) { return a < b ? a : b; }
 __device__ inline float fma(float a, float b, float c) { return fmaf(a, b, c); }
 namespace precise {
 __device__ inline float rsqrt(float x) { return rsqrtf(x); }
+__device__ inline float tanh(float x) { return tanhf(x); }
 __device__ inline float cos(float x) { return cosf(x); }
 __device__ inline float sin(float x) { return sinf(x); }
 }  // namespace precise

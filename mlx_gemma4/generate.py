@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -11,27 +11,23 @@ import mlx.core as mx
 from .cache import PromptCache, StepView, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
-from .model import Model
+from .model import HOST_BOUND_MAX_HIDDEN, Model
 from .sampling import SamplingOptions
 
 # <eos>, <turn|> and <|tool_response>: a turn ends on any of them (reference section 3.2).
 DEFAULT_STOP_IDS = (1, 106, 50)
-# The compiled decode step wins 1.3-2x where per-operation host overhead dominates (E2B, E4B,
-# 26B-A4B on an H100) and loses 8% on 31B (hidden 5376: 38.4 vs 41.5 tok/s, 4-bit), whose long
-# matmuls hide that overhead while the step's fixed-shape buffers still cost reads.
-COMPILED_DECODE_MAX_HIDDEN = 4096
 
 
 def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.array:
     """Feed `prompt` [B, L] in chunks of `step_size`; logits of the last position, [B, vocab].
 
-    All but the last token only fill the caches; the last one runs as an ordinary step, so
-    nothing is computed for positions whose outputs no one reads.
+    All but the last token only fill the caches; the last one runs as a decode step (the
+    compiled one where it applies), so nothing is computed for positions whose outputs no one reads.
     """
     if step_size < 1:
         raise ValueError("prefill_step_size must be at least 1")
     prefill_only(model, prompt[:, :-1], cache, step_size)
-    return model(prompt[:, -1:], cache)[:, -1]
+    return decode_step(model, cache)(prompt[:, -1:], cache)
 
 
 def prefill_only(model: Model, prompt: mx.array, cache: list, step_size: int):
@@ -64,7 +60,7 @@ class CompiledDecode:
     def applies_to(model: Model, cache: list) -> bool:
         # Per-row positions (left padding) take the plain path, and so do models whose
         # operations are long enough that host overhead no longer dominates.
-        return model.config.hidden_size <= COMPILED_DECODE_MAX_HIDDEN and all(c.left_padding is None for c in cache)
+        return model.config.hidden_size <= HOST_BOUND_MAX_HIDDEN and all(c.left_padding is None for c in cache)
 
     def _traced(self, token, position, lowest, buffers):
         views = [StepView(c, keys, values, position, lowest) for c, (keys, values) in zip(self._cache, buffers)]
@@ -83,6 +79,14 @@ class CompiledDecode:
         for c, (keys, values) in zip(cache, buffers):
             StepView.commit(c, keys, values)
         return logits
+
+
+def decode_step(model: Model, cache: list) -> Callable[[mx.array, list], mx.array]:
+    """`step(token [B, 1], cache) -> logits [B, vocab]`: the compiled step where it applies to
+    these caches (once they hold a token: it grows buffers shaped after them), else the model."""
+    if cache[0].keys is not None and CompiledDecode.applies_to(model, cache):
+        return CompiledDecode.for_model(model)
+    return lambda token, c: model(token, c)[:, -1]
 
 
 def _token_stream(
@@ -115,7 +119,7 @@ def _token_stream(
 
     token = sample(prefill(model, mx.array(new_ids, dtype=mx.int32)[None], cache, prefill_step_size))
     mx.async_eval(token)
-    step = CompiledDecode.for_model(model) if CompiledDecode.applies_to(model, cache) else lambda t, c: model(t, c)[:, -1]
+    step = decode_step(model, cache)
     for produced in range(1, max_tokens + 1):
         if produced < max_tokens:  # queue the next step before reading this token back
             next_token = sample(step(token[:, None], cache))

@@ -158,10 +158,11 @@ def test_use_kernels_reaches_every_layer_and_the_compiled_step(checkpoints):
 def test_compiled_decode_applies_to_unpadded_rows_of_models_up_to_the_hidden_limit(checkpoints):
     import dataclasses
 
-    from mlx_gemma4.generate import COMPILED_DECODE_MAX_HIDDEN, CompiledDecode
+    from mlx_gemma4.generate import CompiledDecode
+    from mlx_gemma4.model import HOST_BOUND_MAX_HIDDEN
 
     model = checkpoints.model("ple_shared")
     assert CompiledDecode.applies_to(model, model.make_cache())
     assert not CompiledDecode.applies_to(model, model.make_cache(left_padding=[2, 0]))
-    wide = dataclasses.replace(model.config, hidden_size=COMPILED_DECODE_MAX_HIDDEN + 1)
+    wide = dataclasses.replace(model.config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
     assert not CompiledDecode.applies_to(type("Wide", (), {"config": wide})(), model.make_cache())

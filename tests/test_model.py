@@ -189,3 +189,18 @@ def test_projections_of_different_quantization_stay_apart():
     expected = mx.concatenate([parent.gate_proj(x), parent.up_proj(x)], axis=-1)
     assert fuse_linears(parent, ("gate_proj", "up_proj"), "gate_up_proj")
     assert "gate_proj" not in parent and mx.array_equal(parent.gate_up_proj(x), expected)
+
+
+def test_models_wider_than_the_host_bound_limit_keep_projections_apart(checkpoints):
+    import dataclasses
+
+    from mlx_gemma4.model import HOST_BOUND_MAX_HIDDEN
+
+    model = separate_projections_model(checkpoints.converted("moe", "float32", None))
+    config = model.config
+    model.config = dataclasses.replace(config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
+    model.fuse_projections()
+    assert "q_proj" in model.layers[0].self_attn and "gate_proj" in model.layers[0].mlp
+    model.config = config
+    model.fuse_projections()
+    assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp

@@ -10,7 +10,7 @@ from test_decode_attention import cache_steps
 from test_rope_norm import LAYOUTS, fused_input, oracle
 
 from mlx_gemma4.config import RopeConfig
-from mlx_gemma4.kernels import decode_attention_ref, norm_residual_ref, ple_inputs_ref, rope_norm_ref
+from mlx_gemma4.kernels import decode_attention_ref, gelu_gate_ref, norm_residual_ref, ple_inputs_ref, rope_norm_ref
 from mlx_gemma4.rope import LayerRoPE
 
 EPS = 1e-6
@@ -63,6 +63,13 @@ def test_ple_inputs_ref():
     out = np64(ple_inputs_ref(tokens, context, w, 64, EPS))
     expected = (rms(np64(context) * 64**-0.5, np64(w)) + np64(tokens) * 4.0) * 2**-0.5
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_gate_ref():
+    gate, up = mx.split(mx.random.normal((2, 3, 64), key=mx.random.key(8)) * 3, 2, axis=-1)
+    x = np64(gate)
+    gelu = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(np64(gelu_gate_ref(gate, up)), gelu * np64(up), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["sliding", "full"])

@@ -1,0 +1,30 @@
+// gelu_gate: out = gelu_tanh(gate) * up, in float32, rounded once to T (torch's
+// gelu_pytorch_tanh rounds once, not after every op). Two callers: the MLP, where gate and up
+// are the two halves of the fused gate|up projection's output, and the PLE gate epilogue, where
+// up is the layer's slice of the per-layer inputs [B, L, layers, P]. Both are read in place:
+// rows through their strides, each row's N elements contiguous.
+// In: gate, up [..., N] (NDIM axes, the same shape). Out: contiguous [..., N] in T.
+// Grid: (N rounded up to whole threadgroups, rows); one element per thread.
+// Templates: T, N, NDIM.
+
+// @kernel gelu_gate
+  uint col = thread_position_in_grid.x;
+  uint row = thread_position_in_grid.y;
+  if (col >= uint(N)) {
+    return;
+  }
+  // The row's offset in each input, from the leading axes' strides (innermost first).
+  int64_t gate_at = 0;
+  int64_t up_at = 0;
+  uint rest = row;
+  for (int axis = NDIM - 2; axis >= 0; axis--) {
+    uint index = rest % uint(gate_shape[axis]);
+    rest /= uint(gate_shape[axis]);
+    gate_at += int64_t(index) * gate_strides[axis];
+    up_at += int64_t(index) * up_strides[axis];
+  }
+  float x = static_cast<float>(gate[gate_at + col]);
+  // gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+  float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  float gelu = 0.5f * x * (1.0f + metal::precise::tanh(inner));
+  out[size_t(row) * N + col] = static_cast<T>(gelu * static_cast<float>(up[up_at + col]));
