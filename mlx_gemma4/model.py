@@ -7,6 +7,7 @@ a converted checkpoint. Per-layer geometry comes from `ModelConfig.layers`, neve
 from __future__ import annotations
 
 import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
@@ -173,7 +174,9 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         if config.enable_moe_block:
             self.router = Router(config)
-            self.experts = SwitchGLU(hidden, config.moe_intermediate_size, config.num_experts, activation=self._expert_glu)
+            self.experts = SwitchGLU(
+                hidden, config.moe_intermediate_size, config.num_experts, activation=self._expert_glu
+            )
             self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
             self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
