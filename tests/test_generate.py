@@ -111,6 +111,23 @@ def test_compiled_decode_step_equals_the_plain_step(checkpoints, headroom):
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
 
 
+def test_prompt_last_token_takes_the_compiled_step_once_the_caches_hold_tokens(checkpoints):
+    from mlx_gemma4.generate import CompiledDecode, decode_step, prefill
+
+    model = checkpoints.model("ple_shared")
+    model._compiled_decode = None
+    cache = model.make_cache()
+    assert not isinstance(decode_step(model, cache), CompiledDecode)  # empty caches: nothing to shape buffers after
+    prompt = mx.array(checkpoints.prompt("ple_shared", 9, seed=31))
+    logits = prefill(model, prompt, cache, 4)
+    assert isinstance(model._compiled_decode, CompiledDecode)  # the last prompt token ran through it
+    assert decode_step(model, cache) is model._compiled_decode
+    expected = model(prompt)[:, -1]
+    assert mx.abs(logits - expected).max().item() <= 1e-4
+    # A one-token prompt fills nothing first, so its token takes the plain step.
+    assert mx.abs(prefill(model, prompt[:, :1], model.make_cache(), 4) - model(prompt[:, :1])[:, -1]).max().item() <= 1e-4
+
+
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     """The step's graph holds the only reference to each cache buffer, so the new K/V slot is
     written in place: a step over a 64 MB buffer allocates nothing near its size."""

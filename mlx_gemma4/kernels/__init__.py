@@ -69,7 +69,7 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 
 
 __all__ = [
-    "ALL_KERNELS", "KERNELS", "TWINS", "KernelSet", "MAX_DECODE_QUERIES", "decode_attention", "decode_attention_ref",
+    "ALL_KERNELS", "KERNELS", "PROMPT_ROWS", "TWINS", "KernelSet", "MAX_DECODE_QUERIES", "decode_attention", "decode_attention_ref",
     "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "norm_residual", "norm_residual_ref", "ple_inputs",
     "ple_inputs_ref", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -72,6 +72,20 @@ def test_gelu_gate_ref():
     np.testing.assert_allclose(np64(gelu_gate_ref(gate, up)), gelu * np64(up), rtol=1e-5, atol=1e-6)
 
 
+def test_chosen_gelu_gate_takes_the_twin_below_prompt_rows():
+    """KERNELS.gelu_gate: the twin for decode-sized calls, the kernel from PROMPT_ROWS rows."""
+    from mlx_gemma4.kernels import KERNELS, PROMPT_ROWS, gpu_backend
+
+    small = mx.random.normal((1, PROMPT_ROWS - 1, 64), key=mx.random.key(9))
+    assert mx.array_equal(KERNELS.gelu_gate(small, small), gelu_gate_ref(small, small))
+    large = mx.random.normal((1, PROMPT_ROWS, 64), key=mx.random.key(10))
+    if gpu_backend() is None:  # the kernel needs a GPU back end: reaching it raises here
+        with pytest.raises(RuntimeError, match="Metal or CUDA"):
+            KERNELS.gelu_gate(large, large)
+    else:
+        np.testing.assert_allclose(np64(KERNELS.gelu_gate(large, large)), np64(gelu_gate_ref(large, large)), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["sliding", "full"])
 @pytest.mark.parametrize("queries", [1, 4])
 def test_decode_attention_ref_on_cache_masks(kind, queries):
