@@ -137,6 +137,31 @@ class MLP(nn.Module):
         fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
 
+def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
+    """`experts(x, indices)` for a prompt chunk, as one [capacity, D] matrix product per expert.
+
+    x [..., D], indices [..., k] -> [..., k, D]. Each token's copies are grouped by expert into
+    [num_experts, capacity, D] (capacity: the busiest expert's count, read on the host), so
+    every expert multiplies a block of rows; SwitchGLU's sorted path runs one row at a time on
+    MLX's CUDA back end (26B-A4B shapes, H100: 47 -> 5.3 ms a layer at 512 tokens, same bits).
+    """
+    num_experts, D, k = experts.gate_proj.num_experts, x.shape[-1], indices.shape[-1]
+    flat = indices.reshape(-1)
+    order = mx.argsort(flat)
+    expert_of = flat[order]
+    counts = (flat[:, None] == mx.arange(num_experts)[None, :]).sum(axis=0)
+    capacity = counts.max().item()
+    rank = mx.arange(flat.size) - (mx.cumsum(counts) - counts)[expert_of]  # place within its expert's rows
+    slots = expert_of.astype(mx.int32) * capacity + rank.astype(mx.int32)
+    grouped = mx.zeros((num_experts * capacity, D), dtype=x.dtype)
+    grouped[slots] = x.reshape(-1, D)[order // k]
+    grouped = grouped.reshape(num_experts, capacity, D)
+    every = mx.arange(num_experts, dtype=mx.uint32)
+    hidden = experts.activation(experts.up_proj(grouped, every), experts.gate_proj(grouped, every))
+    out = experts.down_proj(hidden, every).reshape(-1, D)[slots]
+    return out[mx.argsort(order)].reshape(*indices.shape, D)
+
+
 class Router(nn.Module):
     """Gemma4TextRouter: softmax over all experts in fp32, top-k, renormalise, per-expert scale."""
 
@@ -202,7 +227,11 @@ class DecoderLayer(nn.Module):
         if "router" in self:
             # The router and the experts read the post-attention residual, not the dense branch's input.
             weights, indices = self.router(residual)
-            experts = self.experts(self.pre_feedforward_layernorm_2(residual), indices)
+            experts_input = self.pre_feedforward_layernorm_2(residual)
+            if residual.shape[1] > MAX_DECODE_QUERIES and mx.cuda.is_available():  # prompt chunks on CUDA
+                experts = grouped_experts(self.experts, experts_input, indices)
+            else:
+                experts = self.experts(experts_input, indices)
             experts = (experts * weights[..., None].astype(experts.dtype)).sum(axis=-2)
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(experts)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).

@@ -204,3 +204,23 @@ def test_models_wider_than_the_host_bound_limit_keep_projections_apart(checkpoin
     model.config = config
     model.fuse_projections()
     assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_grouped_experts_equal_switch_glu(bits):
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from mlx_gemma4.kernels import gelu_gate_ref
+    from mlx_gemma4.model import grouped_experts
+
+    experts = SwitchGLU(64, 32, 16, activation=lambda up, gate: gelu_gate_ref(gate, up))
+    if bits:
+        nn.quantize(experts, group_size=32, bits=bits)
+    x = mx.random.normal((2, 37, 64), key=mx.random.key(0))
+    # Routing as the router gives it: k distinct experts per token, some experts left idle.
+    indices = mx.argsort(mx.random.uniform(shape=(2, 37, 12), key=mx.random.key(1)), axis=-1)[..., :4]
+    expected = experts(x, indices)
+    out = grouped_experts(experts, x, indices)
+    assert out.shape == expected.shape == (2, 37, 4, 64)
+    assert mx.abs(out - expected).max().item() <= 1e-5
