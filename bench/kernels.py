@@ -28,7 +28,7 @@ from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM  # noqa: E402
 from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
     decode_attention, decode_attention_ref, gelu_gate, gelu_gate_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
-    rope_norm, rope_norm_ref,
+    qmv, qmv_ref, rope_norm, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE  # noqa: E402
 
@@ -106,12 +106,25 @@ def bench_decode_attention(config, phase):
         yield f"{kind.split('_')[0]} q[1,{Hq},1,{D}] kv[1,{Hkv},{S},{D}]", make
 
 
+def bench_qmv(config, phase):
+    if phase != "decode":
+        return  # prompt chunks keep MLX's quantized_matmul
+    layer, hidden = _layer(config, "sliding_attention"), config.hidden_size
+    qkv = (config.num_attention_heads + 2 * layer.num_kv_heads) * layer.head_dim
+    I = layer.intermediate_size
+    for label, K, N, bits in (("q|k|v", hidden, qkv, 4), ("gate|up", hidden, 2 * I, 4), ("down", I, hidden, 4),
+                              ("gate|up", hidden, 2 * I, 8), ("lm head", hidden, config.vocab_size, 4)):
+        make = lambda: (_rand((1, 1, K)), *mx.quantize(_rand((N, K), 0.02), group_size=64, bits=bits), 64, bits)  # noqa: E731,B023
+        yield f"{label} {bits}-bit [{K}]x[{N},{K}]", make
+
+
 BENCHES = {
     "rope_norm": (bench_rope_norm, rope_norm, rope_norm_ref),
     "ple_inputs": (bench_ple_inputs, ple_inputs, ple_inputs_ref),
     "norm_residual": (bench_norm_residual, norm_residual, norm_residual_ref),
     "gelu_gate": (bench_gelu_gate, gelu_gate, gelu_gate_ref),
     "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
+    "qmv": (bench_qmv, qmv, qmv_ref),
 }
 
 

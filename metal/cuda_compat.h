@@ -44,6 +44,14 @@ __device__ inline float simd_max(float v) {
   return v;
 }
 
+// Metal's bit reinterpretation between 32-bit types.
+template <typename T>
+__device__ inline T as_type(uint v);
+template <>
+__device__ inline float as_type<float>(uint v) {
+  return __uint_as_float(v);
+}
+
 namespace metal {
 __device__ inline float exp(float x) { return expf(x); }
 __device__ inline float tanh(float x) { return tanhf(x); }

@@ -102,6 +102,7 @@ def _build_model(config: ModelConfig, weights: dict[str, mx.array], source: str)
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise CheckpointError(f"{source}: weights do not match the config ({exc})") from None
+    model.use_kernels(model.ops)  # quantized projections take the kernel set's matmul
     return model.fuse_projections()
 
 

@@ -41,6 +41,16 @@ def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
 
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear through the kernel set's `quantized_matmul` (MLX's own in KERNELS, the
+    qmv kernel at decode in ALL_KERNELS). `Model.use_kernels` turns the QuantizedLinears that `nn.quantize` builds into these."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.mode != "affine" or "bias" in self:  # the converter writes neither
+            return super().__call__(x)
+        return self.ops.quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+
+
 def fuse_linears(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
     """Replace the bias-free linears `names` of `parent` by one whose outputs are theirs, in order.
 
@@ -273,9 +283,14 @@ class Model(nn.Module):
         self._kv_sources = {layer.kv_source for i, layer in enumerate(config.layers) if layer.kv_source != i}
 
     def use_kernels(self, ops: KernelSet):
-        """Run with the kernel set `ops` from now on (benchmarks compare sets on one model)."""
+        """Run with the kernel set `ops` from now on (benchmarks compare sets on one model). Call
+        it again after quantizing: it routes the quantized projections through `ops` too."""
         for module in [self, *self.layers, *(m for layer in self.layers for m in (layer.self_attn, layer.mlp))]:
             module.ops = ops
+        for _, module in self.named_modules():
+            if isinstance(module, nn.QuantizedLinear):
+                module.__class__ = QuantizedLinear  # same fields; only __call__ differs
+                module.ops = ops
         self._compiled_decode = None  # traced with the old set
 
     def fuse_projections(self) -> "Model":
@@ -320,7 +335,15 @@ class Model(nn.Module):
 
     def _logits(self, normed: mx.array) -> mx.array:
         """Logits from the decoder output already through the final norm."""
-        logits = self.lm_head(normed) if "lm_head" in self else self.embed_tokens.as_linear(normed)
+        if "lm_head" in self:
+            logits = self.lm_head(normed)
+        elif isinstance(self.embed_tokens, nn.QuantizedEmbedding) and self.embed_tokens.mode == "affine":
+            table = self.embed_tokens
+            logits = self.ops.quantized_matmul(
+                normed, table["weight"], table["scales"], table["biases"], table.group_size, table.bits
+            )
+        else:
+            logits = self.embed_tokens.as_linear(normed)
         cap = self.config.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
@@ -353,7 +376,7 @@ class Model(nn.Module):
             )
             if i in self._kv_sources:
                 shared[i] = kv
-            if stop_at_shared:
+            if stop_at_shared and not self.config.enable_moe_block:  # MoE prefill syncs per layer anyway
                 # Hand each layer to the device as soon as it is built: at a 2048-token chunk of
                 # E2B (H100) this halves the peak of live intermediates and ends 25% sooner.
                 mx.async_eval(h, normed, kv)

@@ -224,3 +224,32 @@ def test_grouped_experts_equal_switch_glu(bits):
     out = grouped_experts(experts, x, indices)
     assert out.shape == expected.shape == (2, 37, 4, 64)
     assert mx.abs(out - expected).max().item() <= 1e-5
+
+
+def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpoints):
+    """Every quantized projection and the tied 4-bit LM head go through `ops.quantized_matmul`
+    (where a kernel set can put qmv), and the tokens stay those of MLX's own QuantizedLinear."""
+    import dataclasses
+
+    import mlx.nn as nn
+
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS, qmv_ref
+    from mlx_gemma4.model import QuantizedLinear
+
+    model = checkpoints.model("ple_shared", quantize_bits=4)
+    quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert quantized and all(type(m) is QuantizedLinear for m in quantized)
+    assert isinstance(model.embed_tokens, nn.QuantizedEmbedding) and "lm_head" not in model
+    prompt = checkpoints.prompt("ple_shared", 9, seed=3)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    shapes = []
+
+    def counted(x, w, *rest):
+        shapes.append(w.shape[0])
+        return qmv_ref(x, w, *rest)
+
+    model.use_kernels(dataclasses.replace(TWINS, quantized_matmul=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert model.config.vocab_size in shapes  # the tied head
+    assert len(shapes) >= len(quantized)

@@ -16,6 +16,7 @@ from .decode_attention import MAX_DECODE_QUERIES, decode_attention, decode_atten
 from .gelu_gate import gelu_gate, gelu_gate_ref
 from .norm_residual import norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
+from .qmv import qmv, qmv_ref, qmv_supports
 from .rope_norm import rope_norm, rope_norm_ref
 
 
@@ -30,6 +31,7 @@ class KernelSet:
     gelu_gate: Callable  # the activation of the MLP, the MoE experts and the PLE gate
     sliding_decode_attention: Callable  # head_dim 256, K/V of a sliding ring
     full_decode_attention: Callable  # head_dim 512, K/V of a full-attention cache
+    quantized_matmul: Callable  # every quantized projection and the tied LM head: qmv's signature
     uses_kernels: bool
 
 
@@ -42,6 +44,24 @@ def _gelu_gate_by_rows(gate: mx.array, up: mx.array) -> mx.array:
     return (gelu_gate if gate.size >= PROMPT_ROWS * gate.shape[-1] else gelu_gate_ref)(gate, up)
 
 
+QMV_MIN_WEIGHTS = 1 << 25  # values of w from which qmv beat MLX's CUDA qmv (bench/kernels.py)
+
+
+def _qmv_for_decode(x, w, scales, biases, group_size, bits):
+    """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more; MLX's
+    quantized_matmul for prompt chunks and small weights, where the two measured even or MLX ahead.
+
+    Not in KERNELS yet: qmv beat MLX's CUDA qmv 1.1-1.2x on 31B-sized weights alone, but the 31B
+    decode step, which runs uncompiled, lost (33.6 against 45.2 tok/s): each custom-kernel call
+    costs host time there. ALL_KERNELS (MLX_GEMMA4_KERNELS=all) runs it."""
+    fits = (
+        x.size <= MAX_DECODE_QUERIES * x.shape[-1]
+        and w.shape[0] * x.shape[-1] >= QMV_MIN_WEIGHTS
+        and qmv_supports(x, w, biases, group_size, bits)
+    )
+    return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
+
+
 # Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
 # (metal/README.md has the table). decode_attention loses on full layers with GQA groups at 4k.
 KERNELS = KernelSet(
@@ -51,12 +71,16 @@ KERNELS = KernelSet(
     gelu_gate=_gelu_gate_by_rows,
     sliding_decode_attention=decode_attention,
     full_decode_attention=decode_attention_ref,
+    quantized_matmul=qmv_ref,
     uses_kernels=True,
 )
 # Every kernel on: the model-level GPU check runs this set too.
-ALL_KERNELS = KernelSet(rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, True)
+ALL_KERNELS = KernelSet(
+    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, True
+)
 TWINS = KernelSet(
-    rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, False
+    rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
+    False,
 )
 
 
@@ -71,5 +95,5 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 __all__ = [
     "ALL_KERNELS", "KERNELS", "PROMPT_ROWS", "TWINS", "KernelSet", "MAX_DECODE_QUERIES", "decode_attention", "decode_attention_ref",
     "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "norm_residual", "norm_residual_ref", "ple_inputs",
-    "ple_inputs_ref", "rope_norm", "rope_norm_ref", "select_kernels",
+    "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

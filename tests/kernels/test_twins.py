@@ -10,7 +10,9 @@ from test_decode_attention import cache_steps
 from test_rope_norm import LAYOUTS, fused_input, oracle
 
 from mlx_gemma4.config import RopeConfig
-from mlx_gemma4.kernels import decode_attention_ref, gelu_gate_ref, norm_residual_ref, ple_inputs_ref, rope_norm_ref
+from mlx_gemma4.kernels import (
+    decode_attention_ref, gelu_gate_ref, norm_residual_ref, ple_inputs_ref, qmv_ref, qmv_supports, rope_norm_ref,
+)
 from mlx_gemma4.rope import LayerRoPE
 
 EPS = 1e-6
@@ -107,3 +109,39 @@ def test_decode_attention_ref_on_cache_masks(kind, queries):
         p = np.exp(scores - scores.max(-1, keepdims=True))
         expected = (p / p.sum(-1, keepdims=True)) @ v
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qmv_ref_unpacks_low_bits_first(bits):
+    """What the kernel assumes of MLX's affine layout: value j of a row sits in word j * bits / 32,
+    from bit (j * bits) % 32, and stands for scale * q + bias of its group of 64."""
+    K, N = 256, 6
+    w, scales, biases = mx.quantize(mx.random.normal((N, K), key=mx.random.key(10)), group_size=64, bits=bits)
+    words = np.array(w).astype(np.uint64)
+    j = np.arange(K, dtype=np.uint64)
+    q = (words[:, (j * bits // 32).astype(int)] >> ((j * bits) % 32)) & np.uint64((1 << bits) - 1)
+    dequantized = q * np.repeat(np64(scales), 64, axis=1) + np.repeat(np64(biases), 64, axis=1)
+    x = mx.random.normal((2, K), key=mx.random.key(11))
+    np.testing.assert_allclose(np64(qmv_ref(x, w, scales, biases, 64, bits)), np64(x) @ dequantized.T, rtol=1e-4, atol=1e-4)
+
+
+def test_chosen_quantized_matmul_takes_mlx_outside_qmv_shapes():
+    """The decode dispatch keeps MLX's product for prompt chunks, small weights and layouts qmv lacks."""
+    from mlx_gemma4.kernels import MAX_DECODE_QUERIES, QMV_MIN_WEIGHTS, _qmv_for_decode
+
+    def quantized(N, K, bits):
+        return mx.quantize(mx.random.normal((N, K), key=mx.random.key(12)), group_size=64, bits=bits)
+
+    big = quantized(QMV_MIN_WEIGHTS // 128, 128, 4)
+    prompt = mx.random.normal((1, MAX_DECODE_QUERIES + 1, 128), key=mx.random.key(13))
+    token = prompt[:, :1]
+    # Calling the kernel on CPU raises, so equal results show the twin was taken.
+    assert mx.array_equal(_qmv_for_decode(prompt, *big, 64, 4), qmv_ref(prompt, *big, 64, 4))
+    small = quantized(32, 128, 4)
+    assert mx.array_equal(_qmv_for_decode(token, *small, 64, 4), qmv_ref(token, *small, 64, 4))
+    three_bit = quantized(QMV_MIN_WEIGHTS // 128, 128, 3)
+    assert mx.array_equal(_qmv_for_decode(token, *three_bit, 64, 3), qmv_ref(token, *three_bit, 64, 3))
+    w, _, biases = small
+    assert qmv_supports(token, w, biases, 64, 4) and qmv_supports(token, w, biases, 32, 8)
+    assert not qmv_supports(token, w, biases, 64, 3) and not qmv_supports(token, w, biases, 16, 4)
+    assert not qmv_supports(token, w, None, 64, 4)
