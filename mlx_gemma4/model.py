@@ -41,14 +41,21 @@ def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
 
+def quantized_product(ops: KernelSet, table: nn.Module, x: mx.array) -> mx.array:
+    """x @ dequantized(table).T through the kernel set, for a QuantizedLinear or a tied
+    QuantizedEmbedding (affine, bias-free: what the converter writes)."""
+    return ops.quantized_matmul(x, table["weight"], table["scales"], table["biases"], table.group_size, table.bits)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear through the kernel set's `quantized_matmul` (MLX's own in KERNELS, the
-    qmv kernel at decode in ALL_KERNELS). `Model.use_kernels` turns the QuantizedLinears that `nn.quantize` builds into these."""
+    qmv kernel at decode in ALL_KERNELS). `Model.use_kernels` turns the QuantizedLinears that
+    `nn.quantize` builds into these."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.mode != "affine" or "bias" in self:  # the converter writes neither
             return super().__call__(x)
-        return self.ops.quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return quantized_product(self.ops, self, x)
 
 
 def fuse_linears(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
@@ -338,10 +345,7 @@ class Model(nn.Module):
         if "lm_head" in self:
             logits = self.lm_head(normed)
         elif isinstance(self.embed_tokens, nn.QuantizedEmbedding) and self.embed_tokens.mode == "affine":
-            table = self.embed_tokens
-            logits = self.ops.quantized_matmul(
-                normed, table["weight"], table["scales"], table["biases"], table.group_size, table.bits
-            )
+            logits = quantized_product(self.ops, self.embed_tokens, normed)
         else:
             logits = self.embed_tokens.as_linear(normed)
         cap = self.config.final_logit_softcapping
