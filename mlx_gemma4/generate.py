@@ -47,6 +47,7 @@ class CompiledDecode:
 
     def __init__(self, model: Model):
         self.model = model
+        model.keep_transposed_weights()  # fewer graph nodes per step (model.Linear)
         self._cache: list = []  # the caches being traced; their kinds and windows shape the graph
         self._step = mx.compile(self._traced)
 

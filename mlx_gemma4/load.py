@@ -128,6 +128,7 @@ def _ready_to_run(model: Model) -> Model:
     for layer in model.layers:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())  # what no layer holds: embeddings, final norm, PLE projection
+    model.keep_transposed_weights()
     return model
 
 

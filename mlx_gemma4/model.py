@@ -41,16 +41,57 @@ def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
 
+# Rows (tokens) from which a prompt chunk multiplies dequantized weights on CUDA, by bits. MLX's
+# CUDA quantized GEMM took 1.6-2.0x (4-bit) and 1.0-1.2x (8-bit) as long as dequantize + bf16
+# GEMM at 512 rows, 2.2-3.6x at 2048, and won below these counts (H100, E2B-31B shapes).
+DEQUANTIZE_MIN_ROWS = {4: 256, 8: 512}
+
+
 def quantized_product(ops: KernelSet, table: nn.Module, x: mx.array) -> mx.array:
-    """x @ dequantized(table).T through the kernel set, for a QuantizedLinear or a tied
-    QuantizedEmbedding (affine, bias-free: what the converter writes)."""
+    """x @ dequantized(table).T, for a QuantizedLinear or a tied QuantizedEmbedding (affine,
+    bias-free: what the converter writes): through the kernel set, or for long prompt chunks
+    on CUDA as a GEMM of the dequantized weight."""
+    rows = x.size // x.shape[-1]
+    if rows >= DEQUANTIZE_MIN_ROWS.get(table.bits, math.inf) and mx.cuda.is_available():
+        return dequantized_product(table, x)
     return ops.quantized_matmul(x, table["weight"], table["scales"], table["biases"], table.group_size, table.bits)
 
 
+def dequantized_product(table: nn.Module, x: mx.array) -> mx.array:
+    """x @ dequantize(table).T: the weight is dequantized for this one product and freed after."""
+    weight = mx.dequantize(table["weight"], table["scales"], table["biases"], table.group_size, table.bits)
+    return x @ weight.T
+
+
+class Linear(nn.Linear):
+    """nn.Linear that multiplies a batch-1 input by an evaluated [1, in, out] transposed view
+    of its weight (same memory), kept from `keep_transposed` until the weight is replaced.
+
+    `x @ weight.T` on a [1, L, in] input adds transpose, flatten and unflatten nodes to the
+    graph on every call, and a decode step is bound by the host's cost per graph node.
+    """
+
+    def keep_transposed(self):
+        if "bias" not in self and "_weight_t" not in self:
+            self["_weight_t"] = mx.expand_dims(self["weight"].T, 0)  # private key: not a parameter
+            mx.eval(self["_weight_t"])
+
+    def __setitem__(self, key, value):
+        if key == "weight":
+            self.pop("_weight_t", None)  # a view of the weight being replaced
+        super().__setitem__(key, value)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "_weight_t" in self and x.ndim == 3 and x.shape[0] == 1:
+            return x @ self["_weight_t"]
+        return super().__call__(x)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear through the kernel set's `quantized_matmul` (MLX's own in KERNELS, the
-    qmv kernel at decode in ALL_KERNELS). `Model.use_kernels` turns the QuantizedLinears that
-    `nn.quantize` builds into these."""
+    """nn.QuantizedLinear through `quantized_product`: the kernel set's `quantized_matmul` (MLX's
+    own in KERNELS, the qmv kernel at decode in ALL_KERNELS), or a dequantized GEMM for long
+    prompt chunks on CUDA. `Model.use_kernels` turns the QuantizedLinears that `nn.quantize`
+    builds into these."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.mode != "affine" or "bias" in self:  # the converter writes neither
@@ -69,11 +110,11 @@ def fuse_linears(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> 
     if len(modules) < 2:
         return False
     first = modules[0]
-    settings = [(type(m), sorted(m.keys()), getattr(m, "bits", None), getattr(m, "group_size", None),
+    settings = [(type(m), sorted(m.parameters()), getattr(m, "bits", None), getattr(m, "group_size", None),
                  getattr(m, "mode", None)) for m in modules]
     if "bias" in first or any(s != settings[0] for s in settings):
         return False
-    for key in first.keys():
+    for key in list(first.parameters()):
         first[key] = mx.concatenate([m[key] for m in modules], axis=first[key].ndim - 2)
     for name in names:
         parent.pop(name)
@@ -90,17 +131,17 @@ class Attention(nn.Module):
         self.head_dim = layer.head_dim
         self.eps = config.rms_norm_eps
         self.owns_cache = layer.kv_source == index
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, self.eps)
         if self.owns_cache:  # KV-shared layers have no k/v weights at all
-            self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+            self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
             self.k_norm = RMSNorm(self.head_dim, self.eps)
             if not layer.k_eq_v:
-                self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+                self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         # attention_k_eq_v: V is the PRE-norm k_proj output (modular_gemma4 "alternative attention").
         self.k_eq_v = self.owns_cache and layer.k_eq_v
         self.projections = tuple(name for name in ("q_proj", "k_proj", "v_proj") if name in self)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rope = LayerRoPE(layer.rope, layer.head_dim)
         self.is_sliding = layer.is_sliding
 
@@ -139,9 +180,9 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: KernelSet):
         super().__init__()
         self.ops = ops
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
@@ -186,7 +227,7 @@ class Router(nn.Module):
         super().__init__()
         self.eps = config.rms_norm_eps
         self.top_k = config.top_k_experts
-        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = mx.ones((config.hidden_size,))
         self.per_expert_scale = mx.ones((config.num_experts,))
         self.root_size = config.hidden_size**-0.5  # Gemma4TextRouter.scalar_root_size
@@ -223,8 +264,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         if config.hidden_size_per_layer_input:
-            self.per_layer_input_gate = nn.Linear(hidden, config.hidden_size_per_layer_input, bias=False)
-            self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, hidden, bias=False)
+            self.per_layer_input_gate = Linear(hidden, config.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = Linear(config.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def _expert_glu(self, up: mx.array, gate: mx.array) -> mx.array:
@@ -276,11 +317,11 @@ class Model(nn.Module):
         self.layers = [DecoderLayer(config, i, self.ops) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+            self.lm_head = Linear(hidden, config.vocab_size, bias=False)
         ple = config.hidden_size_per_layer_input
         if ple:
             self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * ple)
-            self.per_layer_model_projection = nn.Linear(hidden, config.num_hidden_layers * ple, bias=False)
+            self.per_layer_model_projection = Linear(hidden, config.num_hidden_layers * ple, bias=False)
             self.per_layer_projection_norm = RMSNorm(ple, config.rms_norm_eps)
         self._cache_index = {layer: i for i, layer in enumerate(config.cache_owners)}
         self._first_cache_of_type = {}
@@ -299,6 +340,13 @@ class Model(nn.Module):
                 module.__class__ = QuantizedLinear  # same fields; only __call__ differs
                 module.ops = ops
         self._compiled_decode = None  # traced with the old set
+
+    def keep_transposed_weights(self):
+        """Give every unquantized projection its transposed weight view (`Linear`); call it
+        once the weights are in (the loader and the compiled decode step do)."""
+        for _, module in self.named_modules():
+            if isinstance(module, Linear):
+                module.keep_transposed()
 
     def fuse_projections(self) -> "Model":
         """Fuse each layer's q/k/v and gate/up projections into one matmul each (after loading

@@ -253,3 +253,64 @@ def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpo
     assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
     assert model.config.vocab_size in shapes  # the tied head
     assert len(shapes) >= len(quantized)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_product_equals_quantized_matmul(bits):
+    import mlx.nn as nn
+
+    from mlx_gemma4.model import dequantized_product
+
+    table = nn.QuantizedLinear(128, 96, bias=False, group_size=32, bits=bits)
+    x = mx.random.normal((1, 300, 128), key=mx.random.key(2))
+    expected = mx.quantized_matmul(x, table.weight, table.scales, table.biases, True, 32, bits)
+    out = dequantized_product(table, x)
+    assert out.shape == expected.shape == (1, 300, 96)
+    assert mx.abs(out - expected).max().item() <= 1e-4
+
+
+def test_long_quantized_prompt_chunks_take_the_dequantized_product_on_cuda(monkeypatch):
+    """From DEQUANTIZE_MIN_ROWS rows, and on CUDA only, a quantized projection multiplies its
+    dequantized weight instead of calling the kernel set's quantized matmul."""
+    import dataclasses
+
+    import mlx.nn as nn
+
+    from mlx_gemma4.kernels import TWINS, qmv_ref
+    from mlx_gemma4.model import DEQUANTIZE_MIN_ROWS, QuantizedLinear
+
+    calls = []
+
+    def counted(x, *rest):
+        calls.append(x.shape[1])
+        return qmv_ref(x, *rest)
+
+    layer = nn.QuantizedLinear(128, 64, bias=False, group_size=32, bits=4)
+    layer.__class__, layer.ops = QuantizedLinear, dataclasses.replace(TWINS, quantized_matmul=counted)
+    rows = DEQUANTIZE_MIN_ROWS[4]
+    x = mx.random.normal((1, rows, 128), key=mx.random.key(3))
+    expected = qmv_ref(x, layer.weight, layer.scales, layer.biases, 32, 4)
+    assert mx.abs(layer(x) - expected).max().item() <= 1e-4 and calls == [rows] * (not mx.cuda.is_available())
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    calls.clear()
+    assert mx.abs(layer(x) - expected).max().item() <= 1e-4 and calls == []
+    layer(x[:, : rows - 1])
+    assert calls == [rows - 1]
+
+
+def test_linear_multiplies_its_kept_transposed_view_until_the_weight_changes():
+    import io
+
+    from mlx_gemma4.model import Linear
+
+    layer = Linear(16, 8, bias=False)
+    x = mx.random.normal((1, 3, 16))
+    mx.eval(layer.parameters(), x)
+    layer.keep_transposed()
+    assert "_weight_t" in layer and list(layer.parameters()) == ["weight"]
+    graph = io.StringIO()
+    mx.export_to_dot(graph, layer(x))
+    assert "Transpose" not in graph.getvalue() and "Flatten" not in graph.getvalue()
+    assert mx.allclose(layer(x), x @ layer.weight.T)
+    layer.weight = mx.random.normal((8, 16))  # as load_weights and fuse_projections replace it
+    assert "_weight_t" not in layer and mx.allclose(layer(x), x @ layer.weight.T)

@@ -31,7 +31,7 @@ class KernelSet:
     gelu_gate: Callable  # the activation of the MLP, the MoE experts and the PLE gate
     sliding_decode_attention: Callable  # head_dim 256, K/V of a sliding ring
     full_decode_attention: Callable  # head_dim 512, K/V of a full-attention cache
-    quantized_matmul: Callable  # every quantized projection and the tied LM head: qmv's signature
+    quantized_matmul: Callable  # quantized projections and the tied LM head (model.quantized_product): qmv's signature
     uses_kernels: bool
 
 
