@@ -314,3 +314,18 @@ def test_linear_multiplies_its_kept_transposed_view_until_the_weight_changes():
     assert mx.allclose(layer(x), x @ layer.weight.T)
     layer.weight = mx.random.normal((8, 16))  # as load_weights and fuse_projections replace it
     assert "_weight_t" not in layer and mx.allclose(layer(x), x @ layer.weight.T)
+
+
+def test_prefill_waits_for_the_device_only_past_the_queued_byte_limit(checkpoints, monkeypatch):
+    import mlx_gemma4.model as model_module
+
+    model = checkpoints.model("ple_shared")
+    ids = mx.array(checkpoints.prompt("ple_shared", 12, seed=4))
+    owners = next(i for i, layer in enumerate(model.config.layers) if layer.kv_source != i)
+    waits, evaluate = [], mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *arrays: (waits.append(len(arrays)), evaluate(*arrays)))
+    model.prefill(ids, model.make_cache())
+    assert waits == []  # a tiny model's layers stay far below QUEUED_BYTES
+    monkeypatch.setattr(model_module, "QUEUED_BYTES", -1)
+    model.prefill(ids, model.make_cache())
+    assert len(waits) == owners  # once past the limit, after every layer queued
