@@ -316,7 +316,7 @@ def test_linear_multiplies_its_kept_transposed_view_until_the_weight_changes():
     assert "_weight_t" not in layer and mx.allclose(layer(x), x @ layer.weight.T)
 
 
-def test_prefill_waits_for_the_device_only_past_the_queued_byte_limit(checkpoints, monkeypatch):
+def test_prefill_hands_layers_over_on_a_gpu_and_waits_only_past_the_queued_byte_limit(checkpoints, monkeypatch):
     import mlx_gemma4.model as model_module
 
     model = checkpoints.model("ple_shared")
@@ -324,8 +324,13 @@ def test_prefill_waits_for_the_device_only_past_the_queued_byte_limit(checkpoint
     owners = next(i for i, layer in enumerate(model.config.layers) if layer.kv_source != i)
     waits, evaluate = [], mx.eval
     monkeypatch.setattr(mx, "eval", lambda *arrays: (waits.append(len(arrays)), evaluate(*arrays)))
+    monkeypatch.setattr(model_module, "queues_layers", lambda: True)  # as on a GPU
     model.prefill(ids, model.make_cache())
     assert waits == []  # a tiny model's layers stay far below QUEUED_BYTES
     monkeypatch.setattr(model_module, "QUEUED_BYTES", -1)
     model.prefill(ids, model.make_cache())
     assert len(waits) == owners  # once past the limit, after every layer queued
+    monkeypatch.setattr(model_module, "queues_layers", lambda: False)  # as on MLX's CPU back end
+    waits.clear()
+    model.prefill(ids, model.make_cache())
+    assert waits == []

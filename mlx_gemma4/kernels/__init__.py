@@ -51,9 +51,10 @@ def _qmv_for_decode(x, w, scales, biases, group_size, bits):
     """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more; MLX's
     quantized_matmul for prompt chunks and small weights, where the two measured even or MLX ahead.
 
-    Not in KERNELS yet: qmv beat MLX's CUDA qmv 1.1-1.2x on 31B-sized weights alone, but the 31B
-    decode step, which runs uncompiled, lost (33.6 against 45.2 tok/s): each custom-kernel call
-    costs host time there. ALL_KERNELS (MLX_GEMMA4_KERNELS=all) runs it."""
+    Not in KERNELS: qmv beat MLX's CUDA qmv 1.1-1.2x in bench/kernels.py, but lost in the model,
+    uncompiled (31B: 33.6 against 45.2 tok/s) and inside the compiled step alike (E4B 4-bit
+    0.90x, 31B 0.85-0.92x); why the bench's lead does not carry over is not known yet.
+    ALL_KERNELS (MLX_GEMMA4_KERNELS=all) runs it."""
     fits = (
         x.size <= MAX_DECODE_QUERIES * x.shape[-1]
         and w.shape[0] * x.shape[-1] >= QMV_MIN_WEIGHTS
