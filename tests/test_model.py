@@ -327,7 +327,7 @@ def test_prefill_hands_layers_over_on_a_gpu_and_waits_only_past_the_queued_byte_
     monkeypatch.setattr(model_module, "queues_layers", lambda: True)  # as on a GPU
     model.prefill(ids, model.make_cache())
     assert waits == []  # a tiny model's layers stay far below QUEUED_BYTES
-    monkeypatch.setattr(model_module, "QUEUED_BYTES", -1)
+    monkeypatch.setattr(model_module, "QUEUED_BYTES", -(1 << 62))  # below any change in held bytes
     model.prefill(ids, model.make_cache())
     assert len(waits) == owners  # once past the limit, after every layer queued
     monkeypatch.setattr(model_module, "queues_layers", lambda: False)  # as on MLX's CPU back end
