@@ -425,7 +425,7 @@ class Model(nn.Module):
         shared = {}
         # MoE prompt chunks wait for the device after every layer anyway (grouped_experts).
         hand_over = stop_at_shared and not self.config.enable_moe_block and queues_layers()
-        queued_from = mx.get_active_memory()  # bytes held before the layers handed over since
+        queued_from = mx.get_active_memory() if hand_over else 0  # bytes held before the layers handed over since
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             owner = spec.kv_source == i
             if stop_at_shared and not owner:
