@@ -108,7 +108,7 @@ def bench_decode_attention(config, phase):
 
 def bench_qmv(config, phase):
     if phase != "decode":
-        return  # prompt chunks keep MLX's quantized_matmul
+        return  # qmv serves decode only; prompt chunks take MLX's quantized_matmul or a dequantized GEMM
     layer, hidden = _layer(config, "sliding_attention"), config.hidden_size
     qkv = (config.num_attention_heads + 2 * layer.num_kv_heads) * layer.head_dim
     I = layer.intermediate_size
