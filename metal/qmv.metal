@@ -1,14 +1,17 @@
 // qmv: out = x @ dequantize(w).T for a few rows of x (decode, MAX_DECODE_QUERIES at most), with
 // MLX's affine quantization: each row of w packs K BITS-bit values low bits first into uint32
 // words, and value q of group g (GROUP values along K) stands for scales[n, g] * q + biases[n, g].
-// Bandwidth-bound: each lane loads 16 bytes of a weight row per step (VPT values, all in one
-// group), so a simdgroup reads 512 contiguous bytes a step; RPS rows per simdgroup share the x
-// loads. Sums in float32: per step, scale * sum(x q) + bias * sum(x), as MLX's own qmv does;
-// each q is read without a shift or an int-to-float conversion (see the inner loop).
+// A threadgroup owns RPS rows; its SIMDS simdgroups split K between them (interleaved 16-byte
+// loads per lane, VPT values all in one group) and add their sums through threadgroup memory,
+// so even a 5376-row projection keeps every SM busy. x is read as 16-byte words where T is
+// bfloat16: value-by-value reads of x, 64 bytes apart across a simdgroup's lanes, held an
+// earlier version below MLX's speed in a chain of dependent calls (metal/README.md).
+// Sums in float32: per step, scale * sum(x q) + bias * sum(x), as MLX's own qmv does; each q is
+// read without a shift or an int-to-float conversion (see the inner loop).
 // In: x [M, K] (T), w [N, K * BITS / 32] uint32, scales, biases [N, K / GROUP]. Out: [M, N] in T.
-// Grid: ceil(N / (SIMDS * RPS)) threadgroups of SIMDS simdgroups.
-// Templates: T, M, BITS, GROUP, RPS, SIMDS; K and N are read from the shapes, so one build
-// serves every projection of a model.
+// Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups.
+// Templates: T, M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16); K and N are read from the
+// shapes, so one build serves every projection of a model.
 
 // @kernel qmv
   constexpr int VPT = 128 / BITS;
@@ -18,7 +21,8 @@
   const int GROUPS = K / GROUP;
   constexpr uint MASK = (1u << BITS) - 1u;
   const uint lane = thread_index_in_simdgroup;
-  const int first = (int(threadgroup_position_in_grid.x) * SIMDS + int(simdgroup_index_in_threadgroup)) * RPS;
+  const uint group_simd = simdgroup_index_in_threadgroup;
+  const int first = int(threadgroup_position_in_grid.x) * RPS;
   int rows[RPS];
   for (int r = 0; r < RPS; r++) {
     rows[r] = metal::min(first + r, N - 1);  // rows past N load row N - 1 and are not written
@@ -29,7 +33,7 @@
       acc[r][m] = 0.0f;
     }
   }
-  for (int k0 = int(lane) * VPT; k0 < K; k0 += 32 * VPT) {
+  for (int k0 = (int(group_simd) * 32 + int(lane)) * VPT; k0 < K; k0 += 32 * SIMDS * VPT) {
     uint words[RPS][4];
     float scale[RPS];
     float bias[RPS];
@@ -48,8 +52,25 @@
       for (int r = 0; r < RPS; r++) {
         dot[r] = 0.0f;
       }
+      // This lane's VPT values of x, read as 16-byte words where T is bfloat16 (a bfloat16 is
+      // the high half of a float); value by value for other types.
+      float xs[VPT];
+      if (X_BF16) {
+        for (int q = 0; q < VPT / 8; q++) {
+          uint4 raw = *((const device uint4*)(x + m * K + k0) + q);
+          uint parts[4] = {raw.x, raw.y, raw.z, raw.w};
+          for (int p = 0; p < 4; p++) {
+            xs[q * 8 + 2 * p] = as_type<float>(parts[p] << 16);
+            xs[q * 8 + 2 * p + 1] = as_type<float>(parts[p] & 0xFFFF0000u);
+          }
+        }
+      } else {
+        for (int j = 0; j < VPT; j++) {
+          xs[j] = static_cast<float>(x[m * K + k0 + j]);
+        }
+      }
       for (int j = 0; j < VPT; j++) {
-        float xj = static_cast<float>(x[m * K + k0 + j]);
+        float xj = xs[j];
         x_sum += xj;
         // Value j sits in 16-bit half `high` of its word, at place `place` there. Masked in place,
         // it reads q * 2^(place * BITS); x scaled by the inverse power of two (exact) undoes it.
@@ -69,11 +90,23 @@
       }
     }
   }
+  threadgroup float partial[SIMDS * RPS * M];
   for (int r = 0; r < RPS; r++) {
     for (int m = 0; m < M; m++) {
       float total = simd_sum(acc[r][m]);
-      if (lane == 0 && first + r < N) {
-        out[m * N + first + r] = static_cast<T>(total);
+      if (lane == 0) {
+        partial[(int(group_simd) * RPS + r) * M + m] = total;
       }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int t = int(group_simd) * 32 + int(lane); t < RPS * M; t += SIMDS * 32) {
+    float total = 0.0f;
+    for (int s = 0; s < SIMDS; s++) {
+      total += partial[s * RPS * M + t];
+    }
+    const int r = t / M;
+    if (first + r < N) {
+      out[(t % M) * N + first + r] = static_cast<T>(total);
     }
   }

@@ -11,7 +11,7 @@ import mlx.core as mx
 from .cache import PromptCache, StepView, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
-from .model import HOST_BOUND_MAX_HIDDEN, Model
+from .model import Model
 from .sampling import SamplingOptions
 
 # <eos>, <turn|> and <|tool_response>: a turn ends on any of them (reference section 3.2).
@@ -60,8 +60,8 @@ class CompiledDecode:
     @staticmethod
     def applies_to(model: Model, cache: list) -> bool:
         # Per-row positions (left padding) take the plain path, and so do models whose
-        # operations are long enough that host overhead no longer dominates.
-        return model.config.hidden_size <= HOST_BOUND_MAX_HIDDEN and all(c.left_padding is None for c in cache)
+        # operations are long enough that host overhead no longer dominates (Model.compiles_decode).
+        return model.compiles_decode() and all(c.left_padding is None for c in cache)
 
     def _traced(self, token, position, lowest, buffers):
         views = [StepView(c, keys, values, position, lowest) for c, (keys, values) in zip(self._cache, buffers)]

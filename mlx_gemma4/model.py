@@ -14,13 +14,14 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
-from .kernels import MAX_DECODE_QUERIES, KernelSet, select_kernels
+from .kernels import MAX_DECODE_QUERIES, KernelSet, qmv_ref, select_kernels
 from .rope import LayerRoPE
 
 # Decode of models up to this width is bound by per-operation host overhead, so fewer, larger
 # operations win: the compiled step (1.3-2x on E2B, E4B, 26B-A4B, H100) and fused projections.
-# The 31B (hidden 5376, 4-bit) is bound by its long matmuls instead: there the compiled step
-# measured 38.4 vs 41.5 tok/s plain, and fused projections 41 vs 44 tok/s unfused.
+# The 31B (hidden 5376, 4-bit) is bound by its long matmuls instead: there fused projections
+# measured 41 vs 44 tok/s unfused, and the compiled step pays only once the qmv kernel makes
+# the matmuls faster (38.2 vs 40.5 tok/s plain with MLX's, 57.8 with qmv; Model.compiles_decode).
 HOST_BOUND_MAX_HIDDEN = 4096
 
 # Bytes that prefill's queued layers may allocate before the host waits for the device. Waiting
@@ -179,7 +180,9 @@ class Attention(nn.Module):
             out = self.decode_attention(queries, keys, values, mask)
         else:
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
+        # [B, heads, L, D] -> [B, L, heads * D]; one query is already in that order (no transpose node).
+        out = out.reshape(B, L, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out), (keys, values)
 
     def fuse_projections(self):
         """One q|k|v matmul instead of three (Model.fuse_projections)."""
@@ -334,6 +337,7 @@ class Model(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * ple)
             self.per_layer_model_projection = Linear(hidden, config.num_hidden_layers * ple, bias=False)
             self.per_layer_projection_norm = RMSNorm(ple, config.rms_norm_eps)
+        self._quantized = False  # any QuantizedLinear (use_kernels finds them once quantized)
         self._cache_index = {layer: i for i, layer in enumerate(config.cache_owners)}
         self._first_cache_of_type = {}
         for layer, index in self._cache_index.items():
@@ -346,11 +350,20 @@ class Model(nn.Module):
         it again after quantizing: it routes the quantized projections through `ops` too."""
         for module in [self, *self.layers, *(m for layer in self.layers for m in (layer.self_attn, layer.mlp))]:
             module.ops = ops
+        self._quantized = False
         for _, module in self.named_modules():
             if isinstance(module, nn.QuantizedLinear):
                 module.__class__ = QuantizedLinear  # same fields; only __call__ differs
                 module.ops = ops
+                self._quantized = True
         self._compiled_decode = None  # traced with the old set
+
+    def compiles_decode(self) -> bool:
+        """Whether decode steps run compiled (generate.CompiledDecode): up to HOST_BOUND_MAX_HIDDEN,
+        and wider where the kernel set's qmv multiplies the quantized projections."""
+        if self.config.hidden_size <= HOST_BOUND_MAX_HIDDEN:
+            return True
+        return self._quantized and self.ops.quantized_matmul is not qmv_ref
 
     def keep_transposed_weights(self):
         """Give every unquantized projection its transposed weight view (`Linear`); call it

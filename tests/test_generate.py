@@ -172,14 +172,24 @@ def test_use_kernels_reaches_every_layer_and_the_compiled_step(checkpoints):
     assert len(calls) >= 2 * 3 * len(model.layers)
 
 
-def test_compiled_decode_applies_to_unpadded_rows_of_models_up_to_the_hidden_limit(checkpoints):
+def test_compiled_decode_applies_to_unpadded_rows_up_to_the_hidden_limit_or_with_qmv(checkpoints):
     import dataclasses
 
     from mlx_gemma4.generate import CompiledDecode
+    from mlx_gemma4.kernels import TWINS, qmv_ref
     from mlx_gemma4.model import HOST_BOUND_MAX_HIDDEN
 
     model = checkpoints.model("ple_shared")
     assert CompiledDecode.applies_to(model, model.make_cache())
     assert not CompiledDecode.applies_to(model, model.make_cache(left_padding=[2, 0]))
-    wide = dataclasses.replace(model.config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
-    assert not CompiledDecode.applies_to(type("Wide", (), {"config": wide})(), model.make_cache())
+    model.config = dataclasses.replace(model.config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
+    assert not CompiledDecode.applies_to(model, model.make_cache())
+    # A wide model whose quantized projections take a kernel other than MLX's qmv runs compiled.
+    quantized = checkpoints.model("ple_shared", quantize_bits=4)
+    quantized.config = dataclasses.replace(quantized.config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
+    quantized.use_kernels(TWINS)
+    assert not CompiledDecode.applies_to(quantized, quantized.make_cache())
+    quantized.use_kernels(dataclasses.replace(TWINS, quantized_matmul=lambda *args: qmv_ref(*args)))
+    assert CompiledDecode.applies_to(quantized, quantized.make_cache())
+    model.use_kernels(dataclasses.replace(TWINS, quantized_matmul=lambda *args: qmv_ref(*args)))
+    assert not CompiledDecode.applies_to(model, model.make_cache())  # nothing quantized for it to speed up

@@ -44,17 +44,14 @@ def _gelu_gate_by_rows(gate: mx.array, up: mx.array) -> mx.array:
     return (gelu_gate if gate.size >= PROMPT_ROWS * gate.shape[-1] else gelu_gate_ref)(gate, up)
 
 
-QMV_MIN_WEIGHTS = 1 << 25  # values of w from which qmv beat MLX's CUDA qmv (bench/kernels.py)
+QMV_MIN_WEIGHTS = 1 << 25  # values of w from which qmv was measured against MLX's CUDA qmv (metal/README.md)
 
 
 def _qmv_for_decode(x, w, scales, biases, group_size, bits):
     """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more; MLX's
-    quantized_matmul for prompt chunks and small weights, where the two measured even or MLX ahead.
-
-    Not in KERNELS: qmv beat MLX's CUDA qmv 1.1-1.2x in bench/kernels.py, but lost in the model,
-    uncompiled (31B: 33.6 against 45.2 tok/s) and inside the compiled step alike (E4B 4-bit
-    0.90x, 31B 0.85-0.92x); why the bench's lead does not carry over is not known yet.
-    ALL_KERNELS (MLX_GEMMA4_KERNELS=all) runs it."""
+    quantized_matmul for prompt chunks and small weights. In chains of dependent 4-bit calls
+    (H100) qmv ran the 31B's MLP at 1.58x MLX's speed, its attention projections at 1.34x and
+    E4B's MLP at 1.11x; in the model, E4B 4-bit decode 1.07x and, with the compiled step, 31B 1.43x."""
     fits = (
         x.size <= MAX_DECODE_QUERIES * x.shape[-1]
         and w.shape[0] * x.shape[-1] >= QMV_MIN_WEIGHTS
@@ -72,7 +69,7 @@ KERNELS = KernelSet(
     gelu_gate=_gelu_gate_by_rows,
     sliding_decode_attention=decode_attention,
     full_decode_attention=decode_attention_ref,
-    quantized_matmul=qmv_ref,
+    quantized_matmul=_qmv_for_decode,
     uses_kernels=True,
 )
 # Every kernel on: the model-level GPU check runs this set too.

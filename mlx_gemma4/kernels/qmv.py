@@ -8,8 +8,8 @@ import mlx.core as mx
 
 from ._source import build
 
-RPS = 8  # weight rows per simdgroup: they share each x load
-SIMDS = 4  # simdgroups per threadgroup
+RPS = 4  # weight rows per threadgroup: they share each x load
+SIMDS = 4  # simdgroups per threadgroup, splitting K (4 rows x 4 simdgroups led a sweep of 1-8 x 2-8)
 SUPPORTED_BITS = (4, 8)
 
 
@@ -28,12 +28,12 @@ def qmv_supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: 
 def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
     K, N = x.shape[-1], w.shape[0]
     rows = x.size // K
-    per_group = SIMDS * RPS
     kernel = build("qmv", "qmv", ("x", "w", "scales", "biases"), ("out",))
     (out,) = kernel(
         inputs=[x, w, scales, biases],
-        template=[("T", x.dtype), ("M", rows), ("BITS", bits), ("GROUP", group_size), ("RPS", RPS), ("SIMDS", SIMDS)],
-        grid=((N + per_group - 1) // per_group * 32 * SIMDS, 1, 1),
+        template=[("T", x.dtype), ("M", rows), ("BITS", bits), ("GROUP", group_size), ("RPS", RPS), ("SIMDS", SIMDS),
+                  ("X_BF16", x.dtype == mx.bfloat16)],
+        grid=((N + RPS - 1) // RPS * 32 * SIMDS, 1, 1),
         threadgroup=(32 * SIMDS, 1, 1),
         output_shapes=[(*x.shape[:-1], N)],
         output_dtypes=[x.dtype],
