@@ -50,8 +50,9 @@ QMV_MIN_WEIGHTS = 1 << 25  # values of w from which qmv was measured against MLX
 def _qmv_for_decode(x, w, scales, biases, group_size, bits):
     """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more; MLX's
     quantized_matmul for prompt chunks and small weights. In chains of dependent 4-bit calls
-    (H100) qmv ran the 31B's MLP at 1.58x MLX's speed, its attention projections at 1.34x and
-    E4B's MLP at 1.11x; in the model, E4B 4-bit decode 1.07x and, with the compiled step, 31B 1.43x."""
+    (bench/qmv_chain.py, H100) qmv ran the 31B's MLP at 1.46-1.58x MLX's speed, its attention
+    projections at 1.16-1.34x and E4B's MLP at 1.11-1.40x; in the model, E4B 4-bit decode 1.07x
+    and, with the compiled step, 31B 1.43x."""
     fits = (
         x.size <= MAX_DECODE_QUERIES * x.shape[-1]
         and w.shape[0] * x.shape[-1] >= QMV_MIN_WEIGHTS
