@@ -19,8 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_gemma4.kernels.qmv import qmv, qmv_ref  # noqa: E402
-
 qmv_module = importlib.import_module("mlx_gemma4.kernels.qmv")  # the package exports a function of that name
 
 SHAPES = (("31b mlp", 5376, 21504), ("31b attention q/o", 5376, 8192), ("e4b mlp", 2560, 20480))
@@ -30,7 +28,7 @@ PAIRS = 12  # up-then-down pairs per timed chain
 def with_layout(rps: int, simds: int):
     def call(x, w, scales, biases):
         qmv_module.RPS, qmv_module.SIMDS = rps, simds
-        return qmv(x, w, scales, biases, 64, 4)
+        return qmv_module.qmv(x, w, scales, biases, 64, 4)
 
     return call
 
@@ -49,7 +47,7 @@ def main():
     layouts = [(qmv_module.RPS, qmv_module.SIMDS)]
     if args.sweep:
         layouts += [(r, s) for r in (1, 2, 4, 8) for s in (2, 4, 8) if (r, s) != layouts[0]]
-    variants = {"mlx": lambda x, w, s, b: qmv_ref(x, w, s, b, 64, 4)}
+    variants = {"mlx": lambda x, w, s, b: qmv_module.qmv_ref(x, w, s, b, 64, 4)}
     variants.update({f"qmv rows {r} simds {s}": with_layout(r, s) for r, s in layouts})
     print(f"{mx.default_device()}, mlx {mx.__version__}; us per up+down pair, GB/s of weights read")
     print("| shape | variant | us | GB/s | vs mlx |\n|---|---|---:|---:|---:|")

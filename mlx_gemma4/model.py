@@ -337,7 +337,6 @@ class Model(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * ple)
             self.per_layer_model_projection = Linear(hidden, config.num_hidden_layers * ple, bias=False)
             self.per_layer_projection_norm = RMSNorm(ple, config.rms_norm_eps)
-        self._quantized = False  # any QuantizedLinear (use_kernels finds them once quantized)
         self._cache_index = {layer: i for i, layer in enumerate(config.cache_owners)}
         self._first_cache_of_type = {}
         for layer, index in self._cache_index.items():
@@ -350,12 +349,10 @@ class Model(nn.Module):
         it again after quantizing: it routes the quantized projections through `ops` too."""
         for module in [self, *self.layers, *(m for layer in self.layers for m in (layer.self_attn, layer.mlp))]:
             module.ops = ops
-        self._quantized = False
         for _, module in self.named_modules():
             if isinstance(module, nn.QuantizedLinear):
                 module.__class__ = QuantizedLinear  # same fields; only __call__ differs
                 module.ops = ops
-                self._quantized = True
         self._compiled_decode = None  # traced with the old set
 
     def compiles_decode(self) -> bool:
@@ -363,7 +360,8 @@ class Model(nn.Module):
         and wider where the kernel set's qmv multiplies the quantized projections."""
         if self.config.hidden_size <= HOST_BOUND_MAX_HIDDEN:
             return True
-        return self._quantized and self.ops.quantized_matmul is not qmv_ref
+        routed = any(isinstance(module, QuantizedLinear) for _, module in self.named_modules())
+        return routed and self.ops.quantized_matmul is not qmv_ref
 
     def keep_transposed_weights(self):
         """Give every unquantized projection its transposed weight view (`Linear`); call it
