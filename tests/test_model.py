@@ -255,6 +255,33 @@ def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpo
     assert len(shapes) >= len(quantized)
 
 
+def test_quantized_matmuls_take_float32_inputs_on_the_cpu(checkpoints, monkeypatch):
+    """On MLX's CPU back end a bfloat16 model hands its quantized projections, tied head and
+    experts float32 inputs (8x faster there) and keeps its dtype; elsewhere they take bfloat16."""
+    import dataclasses
+
+    from mlx_gemma4 import model as model_module
+    from mlx_gemma4.kernels import TWINS, qmv_ref
+
+    model = checkpoints.model("moe", dtype="bfloat16", quantize_bits=4)
+    projection_inputs, expert_inputs = [], []
+
+    def recorded(x, *rest):
+        projection_inputs.append(x.dtype)
+        return qmv_ref(x, *rest)
+
+    model.use_kernels(dataclasses.replace(TWINS, quantized_matmul=recorded))
+    for layer in model.layers:
+        experts = layer.experts
+        layer["experts"] = lambda x, indices, experts=experts: expert_inputs.append(x.dtype) or experts(x, indices)
+    prompt = mx.array(checkpoints.prompt("moe", 5, seed=1))
+    for on_cpu, inputs in ((True, mx.float32), (False, mx.bfloat16)):
+        monkeypatch.setattr(model_module, "runs_on_cpu", lambda: on_cpu)
+        projection_inputs.clear(), expert_inputs.clear()
+        assert model(prompt).dtype == mx.bfloat16
+        assert set(projection_inputs) == set(expert_inputs) == {inputs}
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dequantized_product_equals_quantized_matmul(bits):
     import mlx.nn as nn
