@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import PromptCache, StepView, common_prefix_length
+from .cache import KVCache, PromptCache, StepView, _PaddedCache, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
-from .model import Model
+from .model import Model, runs_on_cpu
 from .sampling import SamplingOptions
 
 # <eos>, <turn|> and <|tool_response>: a turn ends on any of them (reference section 3.2).
@@ -31,10 +31,91 @@ def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.a
 
 
 def prefill_only(model: Model, prompt: mx.array, cache: list, step_size: int):
-    """Write all of `prompt` [B, L] into `cache`, in chunks of `step_size`, computing no logits."""
+    """Write all of `prompt` [B, L] into `cache`, in chunks of `step_size`, computing no logits.
+
+    A short first chunk into empty caches runs compiled (CompiledFill). The last chunk is left
+    running: the host goes on to queue the next step while the device fills (E4B 4-bit, H100,
+    p=128: 28.8 against 33.0 ms to the first token; 25.9 against 32.9 with the compiled fill).
+    """
     for start in range(0, prompt.shape[1], step_size):
-        model.prefill(prompt[:, start : start + step_size], cache)
-        mx.eval([c.state for c in cache])
+        chunk = prompt[:, start : start + step_size]
+        if CompiledFill.applies_to(model, chunk, cache):
+            CompiledFill.for_model(model)(chunk, cache)
+        else:
+            model.prefill(chunk, cache)
+        (mx.eval if start + step_size < prompt.shape[1] else mx.async_eval)([c.state for c in cache])
+
+
+class FillView:
+    """An empty cache as a compiled prompt fill sees it: the fresh cache's mask, and the chunk's
+    K/V handed back as they are (CompiledFill stores them in the real caches afterwards)."""
+
+    def __init__(self, empty: _PaddedCache):
+        self.empty = empty
+        self.keys = self.values = None
+
+    def rope_offset(self) -> int:
+        return 0
+
+    def make_mask(self, length: int):
+        return self.empty.make_mask(length)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class CompiledFill:
+    """The first prompt chunk into empty caches through one `mx.compile`d graph per length bucket.
+
+    On a GPU a short prompt's fill is bound by the host building its graph, as decode is (E2B
+    bf16, H100, p=128: 12.0 against 16.4 ms to the first token). Chunks are padded at the end to
+    a multiple of BUCKET tokens, so one trace (10-30 ms) serves BUCKET lengths: causal attention
+    keeps the padding out of every real position's K/V, and only the real positions are stored.
+    Chunks longer than MAX_TOKENS run plain, as does the CPU, where the compiled fill measured no
+    faster and its first call per bucket took seconds (e2b-mini, 2 cores).
+    """
+
+    BUCKET = 64
+    MAX_TOKENS = 256
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._cache: list = []  # the caches being filled; their kinds and windows shape the graph
+        self._fill = mx.compile(self._traced)
+
+    @staticmethod
+    def for_model(model: Model) -> "CompiledFill":
+        if not isinstance(getattr(model, "_compiled_fill", None), CompiledFill):
+            model._compiled_fill = CompiledFill(model)
+        return model._compiled_fill
+
+    @staticmethod
+    def applies_to(model: Model, chunk: mx.array, cache: list) -> bool:
+        # MoE chunks read the experts' row counts on the host (model.grouped_experts).
+        return (
+            not runs_on_cpu()
+            and CompiledDecode.applies_to(model, cache)
+            and not model.config.enable_moe_block
+            and chunk.shape[0] == 1
+            and chunk.shape[1] <= CompiledFill.MAX_TOKENS
+            and all(c.empty() for c in cache)
+        )
+
+    def _traced(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
+        views = [FillView(type(c)() if isinstance(c, KVCache) else type(c)(c.window, c.capacity - c.window))
+                 for c in self._cache]
+        self.model.prefill(tokens, views, hand_over=False)
+        return [(v.keys, v.values) for v in views]
+
+    def __call__(self, chunk: mx.array, cache: list):
+        """Write `chunk` [1, L] into the empty `cache`."""
+        length = chunk.shape[1]
+        padded = -(-length // self.BUCKET) * self.BUCKET
+        self._cache = cache
+        filled = self._fill(mx.pad(chunk, ((0, 0), (0, padded - length))))
+        for c, (keys, values) in zip(cache, filled):
+            c.update_and_fetch(keys[..., :length, :], values[..., :length, :])
 
 
 class CompiledDecode:

@@ -366,7 +366,7 @@ class Model(nn.Module):
             if isinstance(module, nn.QuantizedLinear):
                 module.__class__ = QuantizedLinear  # same fields; only __call__ differs
                 module.ops = ops
-        self._compiled_decode = None  # traced with the old set
+        self._compiled_decode = self._compiled_fill = None  # traced with the old set
 
     def compiles_decode(self) -> bool:
         """Whether decode steps run compiled (generate.CompiledDecode): up to HOST_BOUND_MAX_HIDDEN,
@@ -434,9 +434,10 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool) -> mx.array:
+    def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False) -> mx.array:
         """The decoder's output through the final norm; `stop_at_shared` ends before the first
-        KV-shared layer (the output is then not the model's and goes unread)."""
+        KV-shared layer (the output is then not the model's and goes unread); `hand_over`: see
+        `prefill`."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
@@ -448,7 +449,7 @@ class Model(nn.Module):
         normed = self.layers[0].input_layernorm(h)
         shared = {}
         # MoE prompt chunks wait for the device after every layer anyway (grouped_experts).
-        hand_over = stop_at_shared and not self.config.enable_moe_block and queues_layers()
+        hand_over = hand_over and not self.config.enable_moe_block and queues_layers()
         queued_from = mx.get_active_memory() if hand_over else 0  # bytes held before the layers handed over since
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             owner = spec.kv_source == i
@@ -482,11 +483,12 @@ class Model(nn.Module):
         cache = cache if cache is not None else self.make_cache()
         return self._logits(self._run_layers(inputs, cache, stop_at_shared=False))
 
-    def prefill(self, inputs: mx.array, cache: list) -> None:
+    def prefill(self, inputs: mx.array, cache: list, hand_over: bool = True) -> None:
         """Write a prompt chunk into `cache`, computing only what the caches hold.
 
         KV-shared layers and the LM head are skipped: no cache depends on them
         (transformers' `_maybe_slice_kv_shared_inputs`). Evaluate the cache states afterwards;
         MLX then also prunes the last owner layer's output, which no cache reads either.
+        `hand_over`: queue each layer on a GPU as it is built (off inside a compiled graph).
         """
-        self._run_layers(inputs, cache, stop_at_shared=True)
+        self._run_layers(inputs, cache, stop_at_shared=True, hand_over=hand_over)

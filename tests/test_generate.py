@@ -128,6 +128,48 @@ def test_prompt_last_token_takes_the_compiled_step_once_the_caches_hold_tokens(c
     assert mx.abs(prefill(model, prompt[:, :1], model.make_cache(), 4) - model(prompt[:, :1])[:, -1]).max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["ple_shared", "k_eq_v"])
+@pytest.mark.parametrize("length", [1, 11, 64, 200])
+def test_compiled_fill_stores_what_the_plain_fill_stores(checkpoints, monkeypatch, name, length):
+    """A first chunk padded to its bucket (sliding window shorter than it from 11 tokens on)
+    leaves the caches the plain fill leaves: same offsets, same K/V, same next logits."""
+    from mlx_gemma4 import generate
+    from mlx_gemma4.generate import CompiledFill
+
+    monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)  # it runs on GPUs only
+
+    model = checkpoints.model(name)
+    prompt = mx.array(checkpoints.prompt(name, length, seed=32))
+    compiled, plain = model.make_cache(), model.make_cache()
+    assert CompiledFill.applies_to(model, prompt, compiled)
+    CompiledFill.for_model(model)(prompt, compiled)
+    model.prefill(prompt, plain)
+    assert [c.offset for c in compiled] == [c.offset for c in plain] == [length] * len(plain)
+    for ours, theirs in zip(compiled, plain):
+        for a, b in zip(ours.state, theirs.state):
+            assert a.shape == b.shape and mx.abs(a - b).max().item() <= 1e-5
+    follow = mx.array([[5, 6, 7]])
+    assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
+
+
+def test_compiled_fill_takes_only_short_first_chunks_of_unpadded_dense_models_on_a_gpu(checkpoints, monkeypatch):
+    from mlx_gemma4 import generate
+    from mlx_gemma4.generate import CompiledFill, prefill_only
+
+    model = checkpoints.model("ple_shared")
+    chunk = mx.array(checkpoints.prompt("ple_shared", 9, seed=33))
+    cache = model.make_cache()
+    assert CompiledFill.applies_to(model, chunk, cache) is not mx.default_device() == mx.cpu
+    monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
+    assert CompiledFill.applies_to(model, chunk, cache)
+    assert not CompiledFill.applies_to(model, mx.zeros((1, CompiledFill.MAX_TOKENS + 1), mx.int32), cache)
+    assert not CompiledFill.applies_to(model, mx.concatenate([chunk, chunk]), cache)  # two rows
+    assert not CompiledFill.applies_to(model, chunk, model.make_cache(left_padding=[0]))
+    prefill_only(model, chunk, cache, 4)  # a later chunk finds the caches holding tokens
+    assert not CompiledFill.applies_to(model, chunk, cache)
+    assert not CompiledFill.applies_to(checkpoints.model("moe"), chunk, checkpoints.model("moe").make_cache())
+
+
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     """The step's graph holds the only reference to each cache buffer, so the new K/V slot is
     written in place: a step over a 64 MB buffer allocates nothing near its size."""
