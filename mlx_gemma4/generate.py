@@ -11,7 +11,7 @@ import mlx.core as mx
 from .cache import KVCache, PromptCache, StepView, _PaddedCache, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
-from .model import Model, runs_on_cpu
+from .model import HOST_BOUND_MAX_HIDDEN, Model, runs_on_cpu
 from .sampling import SamplingOptions
 
 # <eos>, <turn|> and <|tool_response>: a turn ends on any of them (reference section 3.2).
@@ -26,6 +26,8 @@ def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.a
     """
     if step_size < 1:
         raise ValueError("prefill_step_size must be at least 1")
+    if prompt.shape[1] <= step_size and CompiledPrompt.applies_to(model, prompt, cache):
+        return CompiledPrompt.for_model(model)(prompt, cache)
     prefill_only(model, prompt[:, :-1], cache, step_size)
     return decode_step(model, cache)(prompt[:, -1:], cache)
 
@@ -33,22 +35,17 @@ def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.a
 def prefill_only(model: Model, prompt: mx.array, cache: list, step_size: int):
     """Write all of `prompt` [B, L] into `cache`, in chunks of `step_size`, computing no logits.
 
-    A short first chunk into empty caches runs compiled (CompiledFill). The last chunk is left
-    running: the host goes on to queue the next step while the device fills (E4B 4-bit, H100,
-    p=128: 28.8 against 33.0 ms to the first token; 25.9 against 32.9 with the compiled fill).
+    The last chunk is left running: the host goes on to queue the next step while the device
+    fills (E4B 4-bit, H100, p=128: 28.8 against 33.0 ms to the first token).
     """
     for start in range(0, prompt.shape[1], step_size):
-        chunk = prompt[:, start : start + step_size]
-        if CompiledFill.applies_to(model, chunk, cache):
-            CompiledFill.for_model(model)(chunk, cache)
-        else:
-            model.prefill(chunk, cache)
+        model.prefill(prompt[:, start : start + step_size], cache)
         (mx.eval if start + step_size < prompt.shape[1] else mx.async_eval)([c.state for c in cache])
 
 
 class FillView:
-    """An empty cache as a compiled prompt fill sees it: the fresh cache's mask, and the chunk's
-    K/V handed back as they are (CompiledFill stores them in the real caches afterwards)."""
+    """An empty cache as a compiled prompt sees it: the fresh cache's masks, and the chunk's K/V
+    handed back as they are (CompiledPrompt stores them in the real caches afterwards)."""
 
     def __init__(self, empty: _PaddedCache):
         self.empty = empty
@@ -60,20 +57,28 @@ class FillView:
     def make_mask(self, length: int):
         return self.empty.make_mask(length)
 
+    def last_token_mask(self, position: mx.array) -> mx.array:
+        """The mask of one query at `position` over this chunk's keys (padding past it included)."""
+        return StepView(self.empty, self.keys, self.values, position, mx.zeros((1,), mx.int32)).make_mask(1)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys, self.values = keys, values
         return keys, values
 
 
-class CompiledFill:
-    """The first prompt chunk into empty caches through one `mx.compile`d graph per length bucket.
+class CompiledPrompt:
+    """A short prompt into empty caches through one `mx.compile`d graph per length bucket: every
+    position fills the caches, and the last alone runs the KV-shared layers and the LM head.
 
-    On a GPU a short prompt's fill is bound by the host building its graph, as decode is (E2B
-    bf16, H100, p=128: 12.0 against 16.4 ms to the first token). Chunks are padded at the end to
-    a multiple of BUCKET tokens, so one trace (10-30 ms) serves BUCKET lengths: causal attention
-    keeps the padding out of every real position's K/V, and only the real positions are stored.
-    Chunks longer than MAX_TOKENS run plain, as does the CPU, where the compiled fill measured no
-    faster and its first call per bucket took seconds (e2b-mini, 2 cores).
+    On a GPU a short prompt to a model up to HOST_BOUND_MAX_HIDDEN wide is bound by the host
+    building its graphs, as decode is. To the first token at p=128 (H100), against a plain fill
+    and the compiled step: E2B bf16 10.9 against 18.9 ms, E2B 4-bit 13.7 against 22.3, E4B bf16
+    13.9 against 26.8, E4B 4-bit 24.0 against 29.1. Prompts are padded at the end to a multiple
+    of BUCKET tokens, so one trace (36-69 ms on these) serves BUCKET lengths: causal attention
+    keeps the padding out of every real position's K/V and logits, and only the real positions
+    are stored. Longer prompts run plain, as do the 31B (98 against 112 ms, but 5 s for the
+    first call) and the CPU, where a compiled fill measured no faster and its first call per
+    bucket took seconds (e2b-mini, 2 cores).
     """
 
     BUCKET = 64
@@ -82,40 +87,43 @@ class CompiledFill:
     def __init__(self, model: Model):
         self.model = model
         self._cache: list = []  # the caches being filled; their kinds and windows shape the graph
-        self._fill = mx.compile(self._traced)
+        self._prompt = mx.compile(self._traced)
 
     @staticmethod
-    def for_model(model: Model) -> "CompiledFill":
-        if not isinstance(getattr(model, "_compiled_fill", None), CompiledFill):
-            model._compiled_fill = CompiledFill(model)
-        return model._compiled_fill
+    def for_model(model: Model) -> "CompiledPrompt":
+        if not isinstance(getattr(model, "_compiled_prompt", None), CompiledPrompt):
+            model._compiled_prompt = CompiledPrompt(model)
+        return model._compiled_prompt
 
     @staticmethod
-    def applies_to(model: Model, chunk: mx.array, cache: list) -> bool:
+    def applies_to(model: Model, prompt: mx.array, cache: list) -> bool:
         # MoE chunks read the experts' row counts on the host (model.grouped_experts).
         return (
             not runs_on_cpu()
+            and model.config.hidden_size <= HOST_BOUND_MAX_HIDDEN
             and CompiledDecode.applies_to(model, cache)
             and not model.config.enable_moe_block
-            and chunk.shape[0] == 1
-            and chunk.shape[1] <= CompiledFill.MAX_TOKENS
+            and prompt.shape[0] == 1
+            and prompt.shape[1] <= CompiledPrompt.MAX_TOKENS
             and all(c.empty() for c in cache)
         )
 
-    def _traced(self, tokens: mx.array) -> list[tuple[mx.array, mx.array]]:
+    def _traced(self, tokens: mx.array, last: mx.array):
         views = [FillView(type(c)() if isinstance(c, KVCache) else type(c)(c.window, c.capacity - c.window))
                  for c in self._cache]
-        self.model.prefill(tokens, views, hand_over=False)
-        return [(v.keys, v.values) for v in views]
+        logits = self.model.last_logits(tokens, views, last)
+        return logits, [(v.keys, v.values) for v in views]
 
-    def __call__(self, chunk: mx.array, cache: list):
-        """Write `chunk` [1, L] into the empty `cache`."""
-        length = chunk.shape[1]
+    def __call__(self, prompt: mx.array, cache: list) -> mx.array:
+        """Logits [1, vocab] of the last position of `prompt` [1, L]; fills the empty `cache`."""
+        length = prompt.shape[1]
         padded = -(-length // self.BUCKET) * self.BUCKET
         self._cache = cache
-        filled = self._fill(mx.pad(chunk, ((0, 0), (0, padded - length))))
+        last = mx.array([length - 1], dtype=mx.int32)
+        logits, filled = self._prompt(mx.pad(prompt, ((0, 0), (0, padded - length))), last)
         for c, (keys, values) in zip(cache, filled):
             c.update_and_fetch(keys[..., :length, :], values[..., :length, :])
+        return logits
 
 
 class CompiledDecode:

@@ -366,7 +366,7 @@ class Model(nn.Module):
             if isinstance(module, nn.QuantizedLinear):
                 module.__class__ = QuantizedLinear  # same fields; only __call__ differs
                 module.ops = ops
-        self._compiled_decode = self._compiled_fill = None  # traced with the old set
+        self._compiled_decode = self._compiled_prompt = None  # traced with the old set
 
     def compiles_decode(self) -> bool:
         """Whether decode steps run compiled (generate.CompiledDecode): up to HOST_BOUND_MAX_HIDDEN,
@@ -434,10 +434,11 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False) -> mx.array:
+    def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False,
+                    last: mx.array | None = None) -> mx.array:
         """The decoder's output through the final norm; `stop_at_shared` ends before the first
         KV-shared layer (the output is then not the model's and goes unread); `hand_over`: see
-        `prefill`."""
+        `prefill`; `last`: see `last_logits`."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
@@ -455,6 +456,12 @@ class Model(nn.Module):
             owner = spec.kv_source == i
             if stop_at_shared and not owner:
                 break
+            if last is not None and not owner and h.shape[1] > 1:
+                # Past the cache owners only the row at `last` goes on, seeing the keys up to it.
+                h, normed = mx.take(h, last, axis=1), mx.take(normed, last, axis=1)
+                per_layer = None if per_layer is None else mx.take(per_layer, last, axis=1)
+                masks = {kind: cache[index].last_token_mask(last) for kind, index in self._first_cache_of_type.items()}
+                offset = last
             h, normed, kv = layer(
                 h,
                 normed,
@@ -482,6 +489,15 @@ class Model(nn.Module):
         """Logits for every position, [B, L, vocab]; advances `cache` by L."""
         cache = cache if cache is not None else self.make_cache()
         return self._logits(self._run_layers(inputs, cache, stop_at_shared=False))
+
+    def last_logits(self, inputs: mx.array, cache: list, last: mx.array) -> mx.array:
+        """Logits [B, vocab] of position `last` (an index array [1]) of a chunk into views that
+        keep every position's K/V and give `last_token_mask` (generate.FillView): the cache
+        owners run on every position, the KV-shared layers and the LM head on `last` alone."""
+        normed = self._run_layers(inputs, cache, stop_at_shared=False, last=last)
+        if normed.shape[1] > 1:  # no KV-shared layers narrowed it
+            normed = mx.take(normed, last, axis=1)
+        return self._logits(normed)[:, -1]
 
     def prefill(self, inputs: mx.array, cache: list, hand_over: bool = True) -> None:
         """Write a prompt chunk into `cache`, computing only what the caches hold.

@@ -130,20 +130,20 @@ def test_prompt_last_token_takes_the_compiled_step_once_the_caches_hold_tokens(c
 
 @pytest.mark.parametrize("name", ["ple_shared", "k_eq_v"])
 @pytest.mark.parametrize("length", [1, 11, 64, 200])
-def test_compiled_fill_stores_what_the_plain_fill_stores(checkpoints, monkeypatch, name, length):
-    """A first chunk padded to its bucket (sliding window shorter than it from 11 tokens on)
-    leaves the caches the plain fill leaves: same offsets, same K/V, same next logits."""
+def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, monkeypatch, name, length):
+    """A prompt padded to its bucket (sliding window shorter than it from 11 tokens on) gives the
+    logits of the plain fill and step, and leaves the caches it leaves: same offsets and K/V."""
     from mlx_gemma4 import generate
-    from mlx_gemma4.generate import CompiledFill
+    from mlx_gemma4.generate import CompiledPrompt, prefill
 
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)  # it runs on GPUs only
-
     model = checkpoints.model(name)
     prompt = mx.array(checkpoints.prompt(name, length, seed=32))
     compiled, plain = model.make_cache(), model.make_cache()
-    assert CompiledFill.applies_to(model, prompt, compiled)
-    CompiledFill.for_model(model)(prompt, compiled)
-    model.prefill(prompt, plain)
+    assert CompiledPrompt.applies_to(model, prompt, compiled)
+    logits = CompiledPrompt.for_model(model)(prompt, compiled)
+    monkeypatch.setattr(CompiledPrompt, "applies_to", staticmethod(lambda *args: False))
+    assert mx.abs(logits - prefill(model, prompt, plain, 512)).max().item() <= 1e-4
     assert [c.offset for c in compiled] == [c.offset for c in plain] == [length] * len(plain)
     for ours, theirs in zip(compiled, plain):
         for a, b in zip(ours.state, theirs.state):
@@ -152,22 +152,36 @@ def test_compiled_fill_stores_what_the_plain_fill_stores(checkpoints, monkeypatc
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
 
 
-def test_compiled_fill_takes_only_short_first_chunks_of_unpadded_dense_models_on_a_gpu(checkpoints, monkeypatch):
+def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_dense_models_on_a_gpu(
+    checkpoints, monkeypatch
+):
+    import dataclasses
+
     from mlx_gemma4 import generate
-    from mlx_gemma4.generate import CompiledFill, prefill_only
+    from mlx_gemma4.generate import CompiledPrompt, prefill
+    from mlx_gemma4.model import HOST_BOUND_MAX_HIDDEN
 
     model = checkpoints.model("ple_shared")
-    chunk = mx.array(checkpoints.prompt("ple_shared", 9, seed=33))
+    prompt = mx.array(checkpoints.prompt("ple_shared", 9, seed=33))
     cache = model.make_cache()
-    assert CompiledFill.applies_to(model, chunk, cache) is not mx.default_device() == mx.cpu
+    assert CompiledPrompt.applies_to(model, prompt, cache) is not mx.default_device() == mx.cpu
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
-    assert CompiledFill.applies_to(model, chunk, cache)
-    assert not CompiledFill.applies_to(model, mx.zeros((1, CompiledFill.MAX_TOKENS + 1), mx.int32), cache)
-    assert not CompiledFill.applies_to(model, mx.concatenate([chunk, chunk]), cache)  # two rows
-    assert not CompiledFill.applies_to(model, chunk, model.make_cache(left_padding=[0]))
-    prefill_only(model, chunk, cache, 4)  # a later chunk finds the caches holding tokens
-    assert not CompiledFill.applies_to(model, chunk, cache)
-    assert not CompiledFill.applies_to(checkpoints.model("moe"), chunk, checkpoints.model("moe").make_cache())
+    assert CompiledPrompt.applies_to(model, prompt, cache)
+    assert not CompiledPrompt.applies_to(model, mx.zeros((1, CompiledPrompt.MAX_TOKENS + 1), mx.int32), cache)
+    assert not CompiledPrompt.applies_to(model, mx.concatenate([prompt, prompt]), cache)  # two rows
+    assert not CompiledPrompt.applies_to(model, prompt, model.make_cache(left_padding=[0]))
+    moe = checkpoints.model("moe")
+    assert not CompiledPrompt.applies_to(moe, prompt, moe.make_cache())
+    config = model.config
+    model.config = dataclasses.replace(config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)  # the 31B's regime
+    assert not CompiledPrompt.applies_to(model, prompt, cache)
+    model.config = config
+    model._compiled_prompt = None
+    prefill(model, prompt, cache, 4)  # longer than a chunk: plain
+    assert model._compiled_prompt is None and cache[0].offset == prompt.shape[1]
+    assert not CompiledPrompt.applies_to(model, prompt, cache)  # the caches hold tokens now
+    prefill(model, prompt, model.make_cache(), 512)
+    assert isinstance(model._compiled_prompt, CompiledPrompt)
 
 
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
