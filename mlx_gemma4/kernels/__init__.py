@@ -44,10 +44,10 @@ def _gelu_gate_by_rows(gate: mx.array, up: mx.array) -> mx.array:
     return (gelu_gate if gate.size >= PROMPT_ROWS * gate.shape[-1] else gelu_gate_ref)(gate, up)
 
 
-# Values of w from which qmv runs at decode. In the model (H100, interleaved trials), E2B 4-bit
-# decoded 177 tok/s at 2^22 against 158 at 2^25, 153 at 2^20 and 133 with qmv everywhere (a
-# second run: 190 against 162 at 2^25); E4B 4-bit 121 against 111 (a second run: 67 against 70).
-QMV_MIN_WEIGHTS = 1 << 22
+# Values of w from which qmv runs at decode (metal/README.md). In the model (H100, interleaved
+# trials) 2^22 took E2B 4-bit from 158-162 to 177-190 tok/s but 26B-A4B from 95.7 to 81.3 and
+# E4B from 134.8 to 127.3: qmv leaves lanes idle on short rows (K of 1536-2816).
+QMV_MIN_WEIGHTS = 1 << 25
 
 
 def _qmv_for_decode(x, w, scales, biases, group_size, bits):
