@@ -66,11 +66,11 @@ def quantized_product(ops: KernelSet, table: nn.Module, x: mx.array) -> mx.array
     rows = x.size // x.shape[-1]
     if rows >= DEQUANTIZE_MIN_ROWS.get(table.bits, math.inf) and mx.cuda.is_available():
         return dequantized_product(table, x)
+    dtype = x.dtype
     if runs_on_cpu():
-        x, dtype = x.astype(mx.float32), x.dtype
-        return ops.quantized_matmul(x, table["weight"], table["scales"], table["biases"], table.group_size,
-                                    table.bits).astype(dtype)
-    return ops.quantized_matmul(x, table["weight"], table["scales"], table["biases"], table.group_size, table.bits)
+        x = x.astype(mx.float32)
+    out = ops.quantized_matmul(x, table["weight"], table["scales"], table["biases"], table.group_size, table.bits)
+    return out.astype(dtype)
 
 
 def runs_on_cpu() -> bool:
@@ -437,8 +437,9 @@ class Model(nn.Module):
     def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False,
                     last: mx.array | None = None) -> mx.array:
         """The decoder's output through the final norm; `stop_at_shared` ends before the first
-        KV-shared layer (the output is then not the model's and goes unread); `hand_over`: see
-        `prefill`; `last`: see `last_logits`."""
+        KV-shared layer (the output is then not the model's and goes unread); `hand_over`: on a
+        GPU, queue each layer as it is built (prefill; not inside a compiled graph); `last`: see
+        `last_logits`."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
@@ -499,12 +500,11 @@ class Model(nn.Module):
             normed = mx.take(normed, last, axis=1)
         return self._logits(normed)[:, -1]
 
-    def prefill(self, inputs: mx.array, cache: list, hand_over: bool = True) -> None:
+    def prefill(self, inputs: mx.array, cache: list) -> None:
         """Write a prompt chunk into `cache`, computing only what the caches hold.
 
         KV-shared layers and the LM head are skipped: no cache depends on them
         (transformers' `_maybe_slice_kv_shared_inputs`). Evaluate the cache states afterwards;
         MLX then also prunes the last owner layer's output, which no cache reads either.
-        `hand_over`: queue each layer on a GPU as it is built (off inside a compiled graph).
         """
-        self._run_layers(inputs, cache, stop_at_shared=True, hand_over=hand_over)
+        self._run_layers(inputs, cache, stop_at_shared=True, hand_over=True)
