@@ -109,7 +109,9 @@ class CompiledPrompt:
         )
 
     def _traced(self, tokens: mx.array, last: mx.array):
-        views = [FillView(type(c)() if isinstance(c, KVCache) else type(c)(c.window, c.capacity - c.window))
+        # A ring longer than the chunk, whatever the real caches' headroom: FillView's buffers are
+        # linear (slot p holds position p), which the ring's slot arithmetic reads right only then.
+        views = [FillView(type(c)() if isinstance(c, KVCache) else type(c)(c.window, tokens.shape[1]))
                  for c in self._cache]
         logits = self.model.last_logits(tokens, views, last)
         return logits, [(v.keys, v.values) for v in views]

@@ -130,16 +130,18 @@ def test_prompt_last_token_takes_the_compiled_step_once_the_caches_hold_tokens(c
 
 @pytest.mark.parametrize("name", ["ple_shared", "k_eq_v"])
 @pytest.mark.parametrize("length", [1, 11, 64, 200])
-def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, monkeypatch, name, length):
-    """A prompt padded to its bucket (sliding window shorter than it from 11 tokens on) gives the
-    logits of the plain fill and step, and leaves the caches it leaves: same offsets and K/V."""
+@pytest.mark.parametrize("headroom", [3, 256])
+def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, monkeypatch, name, length, headroom):
+    """A prompt padded to its bucket (sliding window shorter than it from 11 tokens on, rings
+    shorter than the bucket with headroom 3) gives the logits of the plain fill and step, and
+    leaves the caches it leaves: same offsets and K/V."""
     from mlx_gemma4 import generate
     from mlx_gemma4.generate import CompiledPrompt, prefill
 
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)  # it runs on GPUs only
     model = checkpoints.model(name)
     prompt = mx.array(checkpoints.prompt(name, length, seed=32))
-    compiled, plain = model.make_cache(), model.make_cache()
+    compiled, plain = model.make_cache(sliding_headroom=headroom), model.make_cache(sliding_headroom=headroom)
     assert CompiledPrompt.applies_to(model, prompt, compiled)
     logits = CompiledPrompt.for_model(model)(prompt, compiled)
     monkeypatch.setattr(CompiledPrompt, "applies_to", staticmethod(lambda *args: False))
