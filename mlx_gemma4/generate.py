@@ -11,7 +11,7 @@ import mlx.core as mx
 from .cache import KVCache, PromptCache, StepView, _PaddedCache, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
-from .model import HOST_BOUND_MAX_HIDDEN, Model, runs_on_cpu
+from .model import EXPERT_CAPACITY_FACTOR, HOST_BOUND_MAX_HIDDEN, ExpertRows, Model, runs_on_cpu
 from .sampling import SamplingOptions
 
 # <eos>, <turn|> and <|tool_response>: a turn ends on any of them (reference section 3.2).
@@ -73,12 +73,13 @@ class CompiledPrompt:
     On a GPU a short prompt to a model up to HOST_BOUND_MAX_HIDDEN wide is bound by the host
     building its graphs, as decode is. To the first token at p=128 (H100), against a plain fill
     and the compiled step: E2B bf16 10.9 against 18.9 ms, E2B 4-bit 13.7 against 22.3, E4B bf16
-    13.9 against 26.8, E4B 4-bit 24.0 against 29.1. Prompts are padded at the end to a multiple
-    of BUCKET tokens, so one trace (36-69 ms on these) serves BUCKET lengths: causal attention
-    keeps the padding out of every real position's K/V and logits, and only the real positions
-    are stored. Longer prompts run plain, as do the 31B (98 against 112 ms, but 5 s for the
-    first call) and the CPU, where a compiled fill measured no faster and its first call per
-    bucket took seconds (e2b-mini, 2 cores).
+    13.9 against 26.8, E4B 4-bit 24.0 against 29.1, 26B-A4B 4-bit 44.9 against 99.8. Prompts
+    are padded at the end to a multiple of BUCKET tokens, so one trace (36-69 ms on the dense
+    models) serves BUCKET lengths: causal attention keeps the padding out of every real
+    position's K/V and logits, the experts' grouping leaves it out (model.ExpertRows), and only
+    the real positions are stored. Longer prompts run plain, as do the 31B (98 against 112 ms,
+    but 5 s for the first call) and the CPU, where a compiled fill measured no faster and its
+    first call per bucket took seconds (e2b-mini, 2 cores).
     """
 
     BUCKET = 64
@@ -88,6 +89,7 @@ class CompiledPrompt:
         self.model = model
         self._cache: list = []  # the caches being filled; their kinds and windows shape the graph
         self._prompt = mx.compile(self._traced)
+        self.capacity_factors: dict[int, float] = {}  # per bucket: the experts' room (model.ExpertRows)
 
     @staticmethod
     def for_model(model: Model) -> "CompiledPrompt":
@@ -97,24 +99,25 @@ class CompiledPrompt:
 
     @staticmethod
     def applies_to(model: Model, prompt: mx.array, cache: list) -> bool:
-        # MoE chunks read the experts' row counts on the host (model.grouped_experts).
         return (
             not runs_on_cpu()
             and model.config.hidden_size <= HOST_BOUND_MAX_HIDDEN
             and CompiledDecode.applies_to(model, cache)
-            and not model.config.enable_moe_block
             and prompt.shape[0] == 1
             and prompt.shape[1] <= CompiledPrompt.MAX_TOKENS
             and all(c.empty() for c in cache)
         )
 
-    def _traced(self, tokens: mx.array, last: mx.array):
+    def _traced(self, tokens: mx.array, last: mx.array, capacity_factor: float):
         # A ring longer than the chunk, whatever the real caches' headroom: FillView's buffers are
         # linear (slot p holds position p), which the ring's slot arithmetic reads right only then.
         views = [FillView(type(c)() if isinstance(c, KVCache) else type(c)(c.window, tokens.shape[1]))
                  for c in self._cache]
-        logits = self.model.last_logits(tokens, views, last)
-        return logits, [(v.keys, v.values) for v in views]
+        config = self.model.config
+        rows = ExpertRows.for_chunk(config, tokens.shape[1], last, capacity_factor) if config.enable_moe_block else None
+        logits = self.model.last_logits(tokens, views, last, rows)
+        overflowed = mx.stack(rows.overflows).any() if rows and rows.overflows else mx.array(False)
+        return logits, overflowed, [(v.keys, v.values) for v in views]
 
     def __call__(self, prompt: mx.array, cache: list) -> mx.array:
         """Logits [1, vocab] of the last position of `prompt` [1, L]; fills the empty `cache`."""
@@ -122,7 +125,15 @@ class CompiledPrompt:
         padded = -(-length // self.BUCKET) * self.BUCKET
         self._cache = cache
         last = mx.array([length - 1], dtype=mx.int32)
-        logits, filled = self._prompt(mx.pad(prompt, ((0, 0), (0, padded - length))), last)
+        tokens = mx.pad(prompt, ((0, 0), (0, padded - length)))
+        while True:
+            factor = self.capacity_factors.get(padded, EXPERT_CAPACITY_FACTOR)
+            logits, overflowed, filled = self._prompt(tokens, last, factor)
+            # An expert routed more rows than it had room for: again with twice the room, which
+            # ends by room for every row (random-weight 26B-A4B, p=64: 4 times the share was short).
+            if not (self.model.config.enable_moe_block and overflowed.item()):
+                break
+            self.capacity_factors[padded] = 2 * factor
         for c, (keys, values) in zip(cache, filled):
             c.update_and_fetch(keys[..., :length, :], values[..., :length, :])
         return logits

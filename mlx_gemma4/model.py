@@ -7,6 +7,7 @@ a converted checkpoint. Per-layer geometry comes from `ModelConfig.layers`, neve
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -220,28 +221,67 @@ class MLP(nn.Module):
         fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
 
-def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
+def groups_experts_by_block() -> bool:
+    """Whether MoE prompt chunks multiply each expert's rows as one block (grouped_experts): on
+    CUDA, where SwitchGLU's sorted path runs one row at a time."""
+    return mx.cuda.is_available()
+
+
+# A compiled prompt chunk cannot read the experts' row counts on the host, so each expert gets
+# room for this many times its even share of the chunk's rows at first; a bucket whose prompt
+# overflows an expert gets twice the room (generate.CompiledPrompt).
+EXPERT_CAPACITY_FACTOR = 4
+
+
+@dataclass
+class ExpertRows:
+    """How grouped_experts places a compiled prompt chunk's rows (batch 1): rows past `last`
+    are padding and reach no expert, each expert takes up to `capacity` rows, and `overflows`
+    gathers one flag per layer: whether an expert was routed more rows than that."""
+
+    last: mx.array
+    capacity: int
+    overflows: list = field(default_factory=list)
+
+    @staticmethod
+    def for_chunk(config: ModelConfig, length: int, last: mx.array, factor: float) -> "ExpertRows":
+        """Room for `factor` times an expert's even share of `length` rows; at most `length`,
+        which no expert can overflow (a row's k experts are distinct)."""
+        share = length * config.top_k_experts / config.num_experts
+        return ExpertRows(last, min(length, math.ceil(factor * share)))
+
+
+def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array, rows: ExpertRows | None = None) -> mx.array:
     """`experts(x, indices)` for a prompt chunk, as one [capacity, D] matrix product per expert.
 
     x [..., D], indices [..., k] -> [..., k, D]. Each token's copies are grouped by expert into
-    [num_experts, capacity, D] (capacity: the busiest expert's count, read on the host), so
-    every expert multiplies a block of rows; SwitchGLU's sorted path runs one row at a time on
-    MLX's CUDA back end (26B-A4B shapes, H100: 47 -> 5.3 ms a layer at 512 tokens, same bits).
+    [num_experts, capacity, D], so every expert multiplies a block of rows; SwitchGLU's sorted
+    path runs one row at a time on MLX's CUDA back end (26B-A4B shapes, H100: 47 -> 5.3 ms a
+    layer at 512 tokens, same bits). The capacity is the busiest expert's count, read on the
+    host, unless `rows` sets it (a compiled prompt: no host reads).
     """
     num_experts, D, k = experts.gate_proj.num_experts, x.shape[-1], indices.shape[-1]
     flat = indices.reshape(-1)
+    if rows is not None:  # the padding's copies go to a bin past the last expert, which no expert reads
+        flat = mx.where(mx.arange(flat.size) // k <= rows.last, flat, num_experts)
     order = mx.argsort(flat)
     expert_of = flat[order]
-    counts = (flat[:, None] == mx.arange(num_experts)[None, :]).sum(axis=0)
-    capacity = counts.max().item()
+    counts = (flat[:, None] == mx.arange(num_experts + 1)[None, :]).sum(axis=0)
+    busiest = counts[:num_experts].max()
+    if rows is None:
+        capacity = busiest.item()
+    else:
+        capacity = rows.capacity
+        rows.overflows.append(busiest > capacity)
     rank = mx.arange(flat.size) - (mx.cumsum(counts) - counts)[expert_of]  # place within its expert's rows
-    slots = expert_of.astype(mx.int32) * capacity + rank.astype(mx.int32)
-    grouped = mx.zeros((num_experts * capacity, D), dtype=x.dtype)
+    # Rows past a capacity (the padding bin's, or an overflow's, which the caller discards) share its last slot.
+    slots = expert_of.astype(mx.int32) * capacity + mx.minimum(rank, capacity - 1).astype(mx.int32)
+    grouped = mx.zeros(((num_experts + 1) * capacity, D), dtype=x.dtype)
     grouped[slots] = x.reshape(-1, D)[order // k]
-    grouped = grouped.reshape(num_experts, capacity, D)
+    grouped = grouped[: num_experts * capacity].reshape(num_experts, capacity, D)
     every = mx.arange(num_experts, dtype=mx.uint32)
     hidden = experts.activation(experts.up_proj(grouped, every), experts.gate_proj(grouped, every))
-    out = experts.down_proj(hidden, every).reshape(-1, D)[slots]
+    out = experts.down_proj(hidden, every).reshape(-1, D)[mx.minimum(slots, num_experts * capacity - 1)]
     return out[mx.argsort(order)].reshape(*indices.shape, D)
 
 
@@ -296,9 +336,11 @@ class DecoderLayer(nn.Module):
     def _expert_glu(self, up: mx.array, gate: mx.array) -> mx.array:
         return self.ops.gelu_gate(gate, up)  # SwitchGLU passes (up, gate)
 
-    def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_input=None):
-        """`normed`: input_layernorm(h), computed by the layer before. Returns (h, h normed by
-        `next_norm`, the next layer's input norm or the final norm, kv)."""
+    def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_input=None,
+                 expert_rows=None):
+        """`normed`: input_layernorm(h), computed by the layer before; `expert_rows`: see
+        grouped_experts. Returns (h, h normed by `next_norm`, the next layer's input norm or the
+        final norm, kv)."""
         # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
         norm_residual = self.ops.norm_residual
         attn, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
@@ -311,8 +353,8 @@ class DecoderLayer(nn.Module):
             # The router and the experts read the post-attention residual, not the dense branch's input.
             weights, indices = self.router(residual)
             experts_input = self.pre_feedforward_layernorm_2(residual)
-            if residual.shape[1] > MAX_DECODE_QUERIES and mx.cuda.is_available():  # prompt chunks on CUDA
-                experts = grouped_experts(self.experts, experts_input, indices)
+            if residual.shape[1] > MAX_DECODE_QUERIES and groups_experts_by_block():  # prompt chunks on CUDA
+                experts = grouped_experts(self.experts, experts_input, indices, expert_rows)
             elif runs_on_cpu():
                 experts = self.experts(experts_input.astype(mx.float32), indices).astype(experts_input.dtype)
             else:
@@ -435,11 +477,11 @@ class Model(nn.Module):
         return mx.tanh(logits / cap) * cap if cap else logits
 
     def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False,
-                    last: mx.array | None = None) -> mx.array:
+                    last: mx.array | None = None, expert_rows: ExpertRows | None = None) -> mx.array:
         """The decoder's output through the final norm; `stop_at_shared` ends before the first
         KV-shared layer (the output is then not the model's and goes unread); `hand_over`: on a
         GPU, queue each layer as it is built (prefill; not inside a compiled graph); `last`: see
-        `last_logits`."""
+        `last_logits`; `expert_rows`: see grouped_experts."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
@@ -472,6 +514,7 @@ class Model(nn.Module):
                 cache[self._cache_index[i]] if owner else None,
                 None if owner else shared[spec.kv_source],
                 None if per_layer is None else per_layer[:, :, i],
+                expert_rows,
             )
             if i in self._kv_sources:
                 shared[i] = kv
@@ -491,11 +534,11 @@ class Model(nn.Module):
         cache = cache if cache is not None else self.make_cache()
         return self._logits(self._run_layers(inputs, cache, stop_at_shared=False))
 
-    def last_logits(self, inputs: mx.array, cache: list, last: mx.array) -> mx.array:
+    def last_logits(self, inputs: mx.array, cache: list, last: mx.array, expert_rows: ExpertRows | None = None) -> mx.array:
         """Logits [B, vocab] of position `last` (an index array [1]) of a chunk into views that
         keep every position's K/V and give `last_token_mask` (generate.FillView): the cache
         owners run on every position, the KV-shared layers and the LM head on `last` alone."""
-        normed = self._run_layers(inputs, cache, stop_at_shared=False, last=last)
+        normed = self._run_layers(inputs, cache, stop_at_shared=False, last=last, expert_rows=expert_rows)
         if normed.shape[1] > 1:  # no KV-shared layers narrowed it
             normed = mx.take(normed, last, axis=1)
         return self._logits(normed)[:, -1]

@@ -154,7 +154,7 @@ def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, 
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
 
 
-def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_dense_models_on_a_gpu(
+def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_models_on_a_gpu(
     checkpoints, monkeypatch
 ):
     import dataclasses
@@ -173,7 +173,7 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     assert not CompiledPrompt.applies_to(model, mx.concatenate([prompt, prompt]), cache)  # two rows
     assert not CompiledPrompt.applies_to(model, prompt, model.make_cache(left_padding=[0]))
     moe = checkpoints.model("moe")
-    assert not CompiledPrompt.applies_to(moe, prompt, moe.make_cache())
+    assert CompiledPrompt.applies_to(moe, prompt, moe.make_cache())
     config = model.config
     model.config = dataclasses.replace(config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)  # the 31B's regime
     assert not CompiledPrompt.applies_to(model, prompt, cache)
@@ -184,6 +184,37 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     assert not CompiledPrompt.applies_to(model, prompt, cache)  # the caches hold tokens now
     prefill(model, prompt, model.make_cache(), 512)
     assert isinstance(model._compiled_prompt, CompiledPrompt)
+
+
+@pytest.mark.parametrize("length", [11, 64, 200])
+def test_compiled_prompt_of_a_moe_model_groups_the_experts_rows_without_the_host(checkpoints, monkeypatch, length):
+    """The experts take fixed-capacity blocks that leave the padding out: the plain fill's
+    logits and caches. A bucket whose prompt overflows an expert gets more room."""
+    from mlx_gemma4 import generate
+    from mlx_gemma4 import model as model_module
+    from mlx_gemma4.generate import CompiledPrompt, prefill
+
+    monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
+    monkeypatch.setattr(model_module, "groups_experts_by_block", lambda: True)  # CUDA's expert path
+    model = checkpoints.model("moe")
+    model._compiled_prompt = None
+    prompt = mx.array(checkpoints.prompt("moe", length, seed=34))
+    compiled, plain = model.make_cache(), model.make_cache()
+    logits = CompiledPrompt.for_model(model)(prompt, compiled)
+    expected = model(prompt, plain)[:, -1]
+    assert mx.abs(logits - expected).max().item() <= 1e-4
+    for ours, theirs in zip(compiled, plain):
+        for a, b in zip(ours.state, theirs.state):
+            assert a.shape == b.shape and mx.abs(a - b).max().item() <= 1e-5
+
+    # Room for a quarter of an even share overflows: the prompt runs again with more, the same logits.
+    monkeypatch.setattr(generate, "EXPERT_CAPACITY_FACTOR", 0.25)
+    model._compiled_prompt = None
+    cache = model.make_cache()
+    assert mx.abs(prefill(model, prompt, cache, 512) - expected).max().item() <= 1e-4
+    assert [c.offset for c in cache] == [length] * len(cache)
+    bucket = -(-length // CompiledPrompt.BUCKET) * CompiledPrompt.BUCKET
+    assert model._compiled_prompt.capacity_factors[bucket] >= 0.5
 
 
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):

@@ -226,6 +226,35 @@ def test_grouped_experts_equal_switch_glu(bits):
     assert mx.abs(out - expected).max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("room", [0, -1])
+def test_grouped_experts_with_a_set_capacity_read_nothing_on_the_host(room):
+    """Inside mx.compile (where a host read fails): rows up to `last` get SwitchGLU's output and
+    rows past it reach no expert. The capacity is the busiest expert's count over the real rows
+    plus `room`; the flag says whether an expert was routed more rows than that."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from mlx_gemma4.kernels import gelu_gate_ref
+    from mlx_gemma4.model import ExpertRows, grouped_experts
+
+    experts = SwitchGLU(64, 32, 16, activation=lambda up, gate: gelu_gate_ref(gate, up))
+    x = mx.random.normal((1, 37, 64), key=mx.random.key(0))
+    indices = mx.argsort(mx.random.uniform(shape=(1, 30, 16), key=mx.random.key(1)), axis=-1)[..., :4]
+    busiest = max(np.bincount(np.array(indices).reshape(-1), minlength=16))
+    # The 7 padding rows past `last` pick the busiest experts: counted, they would overflow them.
+    favourites = mx.argsort(-mx.array(np.bincount(np.array(indices).reshape(-1), minlength=16)))[:4]
+    indices = mx.concatenate([indices, mx.broadcast_to(favourites.astype(indices.dtype), (1, 7, 4))], axis=1)
+
+    def grouped(x, indices, last):
+        rows = ExpertRows(last, int(busiest) + room)
+        out = grouped_experts(experts, x, indices, rows)
+        return out, mx.stack(rows.overflows).any()
+
+    out, overflowed = mx.compile(grouped)(x, indices, mx.array([29]))
+    assert overflowed.item() is (room < 0)
+    if room == 0:
+        assert mx.abs(out[:, :30] - experts(x, indices)[:, :30]).max().item() <= 1e-5
+
+
 def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpoints):
     """Every quantized projection and the tied 4-bit LM head go through `ops.quantized_matmul`
     (where a kernel set can put qmv), and the tokens stay those of MLX's own QuantizedLinear."""
