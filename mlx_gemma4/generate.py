@@ -73,7 +73,7 @@ class CompiledPrompt:
     On a GPU a short prompt to a model up to HOST_BOUND_MAX_HIDDEN wide is bound by the host
     building its graphs, as decode is. To the first token at p=128 (H100), against a plain fill
     and the compiled step: E2B bf16 10.9 against 18.9 ms, E2B 4-bit 13.7 against 22.3, E4B bf16
-    13.9 against 26.8, E4B 4-bit 24.0 against 29.1, 26B-A4B 4-bit 44.9 against 99.8. Prompts
+    13.9 against 26.8, E4B 4-bit 24.0 against 29.1, 26B-A4B 4-bit 45.1 against 96.2. Prompts
     are padded at the end to a multiple of BUCKET tokens, so one trace (36-69 ms on the dense
     models) serves BUCKET lengths: causal attention keeps the padding out of every real
     position's K/V and logits, the experts' grouping leaves it out (model.ExpertRows), and only

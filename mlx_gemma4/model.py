@@ -534,7 +534,8 @@ class Model(nn.Module):
         cache = cache if cache is not None else self.make_cache()
         return self._logits(self._run_layers(inputs, cache, stop_at_shared=False))
 
-    def last_logits(self, inputs: mx.array, cache: list, last: mx.array, expert_rows: ExpertRows | None = None) -> mx.array:
+    def last_logits(self, inputs: mx.array, cache: list, last: mx.array,
+                    expert_rows: ExpertRows | None = None) -> mx.array:
         """Logits [B, vocab] of position `last` (an index array [1]) of a chunk into views that
         keep every position's K/V and give `last_token_mask` (generate.FillView): the cache
         owners run on every position, the KV-shared layers and the LM head on `last` alone."""
