@@ -116,7 +116,7 @@ class CompiledPrompt:
         config = self.model.config
         rows = ExpertRows.for_chunk(config, tokens.shape[1], last, capacity_factor) if config.enable_moe_block else None
         logits = self.model.last_logits(tokens, views, last, rows)
-        overflowed = mx.stack(rows.overflows).any() if rows and rows.overflows else mx.array(False)
+        overflowed = mx.stack(rows.overflows).any() if rows is not None and rows.overflows else mx.array(False)
         return logits, overflowed, [(v.keys, v.values) for v in views]
 
     def __call__(self, prompt: mx.array, cache: list) -> mx.array:
