@@ -1,7 +1,7 @@
 """Each custom kernel against its MLX twin at the shapes the real models run (E2B, E4B,
 26B-A4B, 31B; decode with a 4096-token context and 512-token prefill chunks), bfloat16.
 
-    python bench/kernels.py [--models e2b,31b] [--kernels gelu_gate] [--out table.md]
+    python bench/kernels.py [--models e2b,31b] [--kernels gelu_gate] [--context 4096] [--out table.md]
 
 Prints a markdown table: median microseconds per call (kernel and twin, both timed the way the
 model runs them, compiled at decode and eager at prefill, in batches of calls built and evaluated
@@ -58,7 +58,7 @@ def bench_rope_norm(config, phase):
         D, rope = layer.head_dim, LayerRoPE(layer.rope, layer.head_dim)
         Hkv = 0 if shared else layer.num_kv_heads
         heads = Hq + Hkv * (1 if layer.k_eq_v else 2)
-        make = lambda: (_rand((1, L, heads, D)), _rand((D,)) + 1, None if shared else _rand((D,)) + 1, offset,  # noqa: E731,B023
+        make = lambda: (_rand((1, L, heads * D)), _rand((D,)) + 1, None if shared else _rand((D,)) + 1, offset,  # noqa: E731,B023
                         rope, EPS, Hkv, layer.k_eq_v)  # noqa: B023
         yield f"{label}{' (k=v)' if layer.k_eq_v and not shared else ''} [1,{L},{heads},{D}]", make
 
@@ -76,17 +76,17 @@ def bench_ple_inputs(config, phase):
     if not P:
         return
     L, n = (1 if phase == "decode" else PREFILL), config.num_hidden_layers
-    yield f"[1,{L},{n},{P}]", lambda: (_rand((1, L, n, P), 0.05), _rand((1, L, n, P), 30.0), _rand((P,)) + 1, config.hidden_size, EPS)
+    yield f"[1,{L},{n}*{P}]", lambda: (_rand((1, L, n * P), 0.05), _rand((1, L, n * P), 30.0), _rand((P,)) + 1, config.hidden_size, EPS)
 
 
 def bench_gelu_gate(config, phase):
     L = 1 if phase == "decode" else PREFILL
     I = _layer(config, "sliding_attention").intermediate_size
-    # As the model calls it: the halves of the fused gate|up output; PLE: one layer's slice.
-    yield f"mlp halves [1,{L},{I}]", lambda: (*mx.split(_rand((1, L, 2 * I)), 2, axis=-1),)
+    # As the model calls it: the fused gate|up output (its halves); PLE: one layer's columns.
+    yield f"mlp halves [1,{L},{I}]", lambda: (_rand((1, L, 2 * I)),)
     P, n = config.hidden_size_per_layer_input, config.num_hidden_layers
     if P:
-        yield f"ple gate [1,{L},{P}]", lambda: (_rand((1, L, P)), _rand((1, L, n, P))[:, :, n // 2])
+        yield f"ple gate [1,{L},{P}]", lambda: (_rand((1, L, P)), _rand((1, L, n * P)), n // 2 * P)
 
 
 def bench_decode_attention(config, phase):
@@ -131,9 +131,7 @@ BENCHES = {
 def _nbytes(args, out) -> int:
     arrays = [a for a in args if isinstance(a, mx.array)]
     outs = out if isinstance(out, tuple) else (out,)
-    # q, k and v of rope_norm are views of one buffer: count each byte once.
-    written = outs[0].nbytes if len(outs) == 1 else sum(o.nbytes for o in outs if o is not None)
-    return sum(a.nbytes for a in arrays) + written
+    return sum(a.nbytes for a in arrays) + sum(o.nbytes for o in outs if o is not None)
 
 
 def _compiled(fn, like):
@@ -194,11 +192,14 @@ def run(models, kernels, out_path=None):
 
 
 def main():
+    global CONTEXT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
     parser.add_argument("--kernels", default=",".join(BENCHES))
+    parser.add_argument("--context", type=int, default=CONTEXT, help="decode: tokens in a full layer's cache")
     parser.add_argument("--out")
     args = parser.parse_args()
+    CONTEXT = args.context
     if not (mx.metal.is_available() or mx.cuda.is_available()):
         sys.exit("bench/kernels.py needs MLX's Metal or CUDA back end (kernels do not run on CPU)")
     os.environ.setdefault("MLX_ENABLE_TF32", "0")

@@ -13,8 +13,9 @@
 //     EPT = D/32 values per lane, lane-interleaved: element i * 32 + lane, so each load
 //     instruction of a simdgroup reads one contiguous 64-128 byte span); the NSG states merge in threadgroup memory and the split's
 //     (max, sum) and unnormalised acc go to part_ml [rows, NSPLIT, 2], part_acc [rows, NSPLIT, D].
-//   combine: grid (rows * TG); merges the NSPLIT states of a row and writes out [B, Hq, Lq, D].
-// Templates: T, D, NSG, HAS_MASK, CAUSAL (partial); T, D, TG (combine).
+//   combine: grid (rows * TG); merges the NSPLIT states of a row and writes out [B, Lq, Hq * D],
+//     the layout the output projection reads.
+// Templates: T, D, NSG, HAS_MASK, CAUSAL (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).
 
 // @kernel decode_attention_partial
   constexpr int EPT = (D + 31) / 32;
@@ -142,10 +143,13 @@
     weight[s] = metal::exp(part_ml[(size_t(row) * nsplit + s) * 2] - mmax) * inv;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+  // row = (b * HQ + head) * LQ + query -> out[b, query, head, :]
+  uint head = (row / LQ) % HQ;
+  size_t out_base = ((size_t(row / (LQ * HQ)) * LQ + row % LQ) * HQ + head) * D;
   for (int d = int(t); d < D; d += TG) {
     float a = 0.0f;
     for (int s = 0; s < nsplit; s++) {
       a += part_acc[(size_t(row) * nsplit + s) * D + d] * weight[s];
     }
-    out[size_t(row) * D + d] = static_cast<T>(a);
+    out[out_base + d] = static_cast<T>(a);
   }

@@ -1,9 +1,11 @@
 // gelu_gate: out = gelu_tanh(gate) * up, in float32, rounded once to T (torch's
-// gelu_pytorch_tanh rounds once, not after every op). Two callers: the MLP, where gate and up
-// are the two halves of the fused gate|up projection's output, and the PLE gate epilogue, where
-// up is the layer's slice of the per-layer inputs [B, L, layers, P]. Both are read in place:
-// rows through their strides, each row's N elements contiguous.
-// In: gate, up [..., N] (NDIM axes, the same shape). Out: contiguous [..., N] in T.
+// gelu_pytorch_tanh rounds once, not after every op). Callers: the MLP, where gate and up are
+// the two halves of the fused gate|up projection's output (the same array twice, up from column
+// N); the PLE gate epilogue, where up is the per-layer inputs [B, L, layers * P] from the layer's
+// column; the MoE experts. Read in place: rows through their strides, each row's columns
+// contiguous.
+// In: gate, up (NDIM axes, the same leading shape), up_column int32 [1]: up's first column.
+// Out: contiguous [..., N] in T.
 // Grid: (N rounded up to whole threadgroups, rows); one element per thread.
 // Templates: T, N, NDIM.
 
@@ -27,4 +29,4 @@
   // gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
   float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
   float gelu = 0.5f * x * (1.0f + metal::precise::tanh(inner));
-  out[size_t(row) * N + col] = static_cast<T>(gelu * static_cast<float>(up[up_at + col]));
+  out[size_t(row) * N + col] = static_cast<T>(gelu * static_cast<float>(up[up_at + up_column[0] + col]));

@@ -1,13 +1,13 @@
 // rope_norm: the attention projection's epilogue for a whole layer, in one launch: q and k
 // RMSNorm with their weights, v's scale-free norm, per-layer RoPE on q and k, and the
 // [B, L, H, D] -> [B, H, L, D] transpose attention reads.
-// In: x [B, L, HIN, D], the fused q|k|v projection output reshaped to heads (HIN = NQ + NKV,
-// plus NKV more when v has its own projection). Out: [B, NQ + 2 * NKV, L, D]: q heads, then k
-// heads, then v heads, so q, k and v are views of one buffer. NKV = 0: a KV-shared layer, q only.
+// In: x [B, L, HIN * D], the fused q|k|v projection output as the matmul writes it (HIN = NQ +
+// NKV, plus NKV more when v has its own projection). Out: queries [B, NQ, L, D], keys and values
+// [B, NKV, L, D]. NKV = 0: a KV-shared layer, queries only (keys and values hold no heads).
 // V_FROM_K (attention_k_eq_v): v is the norm of the k projection's raw output.
-// Grid: one threadgroup of TG = max(32, D/2) threads per (b, l, output head); thread t owns the
-// NeoX pair (t, t + D/2). RoPE angle = (pos[b] + l) * inv_freq[t]; inv_freq is 0 on pairs that
-// pass through (proportional partial RoPE), which rotates them by exactly 0.
+// Grid: one threadgroup of TG = max(32, D/2) threads per (b, l, output head: q heads, then k
+// heads, then v heads); thread t owns the NeoX pair (t, t + D/2). RoPE angle = (pos[b] + l) * inv_freq[t];
+// inv_freq is 0 on pairs that pass through (proportional partial RoPE), which rotates them by exactly 0.
 // Templates: T (dtype), D (head_dim), TG, NQ, NKV, V_FROM_K.
 // Inputs: x, q_w [D], k_w [D], pos int32 [B], inv_freq float32 [2, D/2] (value, remainder),
 // params float32 [eps].
@@ -21,7 +21,7 @@
   uint sg = simdgroup_index_in_threadgroup;
   threadgroup float buf[32];
 
-  uint HIN = uint(x_shape[2]);
+  uint HIN = uint(x_shape[2]) / uint(D);
   uint L = uint(x_shape[1]);
   uint head = row % HOUT;
   uint l = (row / HOUT) % L;
@@ -64,6 +64,9 @@
     o1 = n1 * cr - n2 * sr;
     o2 = n2 * cr + n1 * sr;
   }
-  size_t out_base = ((size_t(b) * HOUT + head) * L + l) * D;
+  uint section_head = is_v ? head - NQ - NKV : (is_k ? head - NQ : head);
+  uint section_heads = (is_v || is_k) ? uint(NKV) : uint(NQ);
+  device T* out = is_v ? values : (is_k ? keys : queries);
+  size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
   out[out_base + t] = static_cast<T>(o1);
   out[out_base + t + HALF] = static_cast<T>(o2);

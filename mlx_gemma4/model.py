@@ -177,9 +177,9 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         projected = [self[name](x) for name in self.projections]
         projected = projected[0] if len(projected) == 1 else mx.concatenate(projected, axis=-1)
-        # Norms, RoPE and the head transpose of q, k and v at once; [B, L, heads, D] -> [B, heads, L, D].
+        # Norms, RoPE and the head transpose of q, k and v at once; [B, L, heads * D] -> [B, heads, L, D].
         queries, keys, values = self.ops.rope_norm(
-            projected.reshape(B, L, -1, self.head_dim), self.q_norm.weight,
+            projected, self.q_norm.weight,
             self.k_norm.weight if self.owns_cache else None, rope_offset, self.rope, self.eps,
             self.num_kv_heads if self.owns_cache else 0, self.k_eq_v,
         )
@@ -189,11 +189,10 @@ class Attention(nn.Module):
             keys, values = cache.update_and_fetch(keys, values)
         # scale 1.0: q_norm / k_norm replace the 1/sqrt(head_dim) factor (Gemma4TextAttention.scaling).
         if L <= MAX_DECODE_QUERIES:  # decode / verify: a shape, fixed per traced step, not data
-            out = self.decode_attention(queries, keys, values, mask)
+            out = self.decode_attention(queries, keys, values, mask)  # already [B, L, heads * D]
         else:
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
-        # [B, heads, L, D] -> [B, L, heads * D]; one query is already in that order (no transpose node).
-        out = out.reshape(B, L, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out), (keys, values)
 
     def fuse_projections(self):
@@ -212,10 +211,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.ops.gelu_gate(gate, up))
+            return self.down_proj(self.ops.gelu_gate(self.gate_up_proj(x)))  # the halves, read in place
+        return self.down_proj(self.ops.gelu_gate(self.gate_proj(x), self.up_proj(x)))
 
     def fuse_projections(self):
         fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
@@ -329,6 +326,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         if config.hidden_size_per_layer_input:
+            self.ple_column = index * config.hidden_size_per_layer_input  # this layer's first per-layer input
             self.per_layer_input_gate = Linear(hidden, config.hidden_size_per_layer_input, bias=False)
             self.per_layer_projection = Linear(config.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
@@ -336,10 +334,10 @@ class DecoderLayer(nn.Module):
     def _expert_glu(self, up: mx.array, gate: mx.array) -> mx.array:
         return self.ops.gelu_gate(gate, up)  # SwitchGLU passes (up, gate)
 
-    def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_input=None,
+    def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_inputs=None,
                  expert_rows=None):
-        """`normed`: input_layernorm(h), computed by the layer before; `expert_rows`: see
-        grouped_experts. Returns (h, h normed by `next_norm`, the next layer's input norm or the
+        """`normed`: input_layernorm(h), computed by the layer before; `per_layer_inputs`: every
+        layer's, [B, L, layers * P]; `expert_rows`: see grouped_experts. Returns (h, h normed by `next_norm`, the next layer's input norm or the
         final norm, kv)."""
         # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
         norm_residual = self.ops.norm_residual
@@ -362,11 +360,11 @@ class DecoderLayer(nn.Module):
             experts = (experts * weights[..., None].astype(experts.dtype)).sum(axis=-2)
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(experts)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
-        if per_layer_input is None:
+        if per_layer_inputs is None:
             return *norm_residual(m, self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
                                   next_norm), kv
         h = norm_residual(m, self.post_feedforward_layernorm.weight, residual, None, self.eps)
-        gate = self.ops.gelu_gate(self.per_layer_input_gate(h), per_layer_input)
+        gate = self.ops.gelu_gate(self.per_layer_input_gate(h), per_layer_inputs, self.ple_column)
         projected = self.per_layer_projection(gate)
         return *norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
                               next_norm), kv
@@ -453,13 +451,12 @@ class Model(nn.Module):
         return h * mx.array(math.sqrt(self.config.hidden_size), dtype=h.dtype)
 
     def _per_layer_inputs(self, inputs: mx.array, h: mx.array) -> mx.array | None:
-        """PLE: token-identity rows plus the normed projection of the embedding, [B, L, layers, P]."""
-        ple = self.config.hidden_size_per_layer_input
-        if not ple:
+        """PLE: token-identity rows plus the normed projection of the embedding, [B, L, layers * P]
+        (each layer reads its own P columns in place)."""
+        if not self.config.hidden_size_per_layer_input:
             return None
-        shape = (*inputs.shape, self.config.num_hidden_layers, ple)
-        tokens = self.embed_tokens_per_layer(inputs).reshape(shape)
-        context = self.per_layer_model_projection(h).reshape(shape)
+        tokens = self.embed_tokens_per_layer(inputs)
+        context = self.per_layer_model_projection(h)
         # (RMSNorm(context * hidden^-0.5) * w + tokens * sqrt(P)) * 2^-0.5: see kernels/ple_inputs.py
         return self.ops.ple_inputs(
             tokens, context, self.per_layer_projection_norm.weight, self.config.hidden_size, self.config.rms_norm_eps
@@ -513,7 +510,7 @@ class Model(nn.Module):
                 next_norms[i],
                 cache[self._cache_index[i]] if owner else None,
                 None if owner else shared[spec.kv_source],
-                None if per_layer is None else per_layer[:, :, i],
+                per_layer,
                 expert_rows,
             )
             if i in self._kv_sources:

@@ -38,10 +38,14 @@ class KernelSet:
 PROMPT_ROWS = 32  # rows of a call from which gelu_gate's kernel beats its compiled twin
 
 
-def _gelu_gate_by_rows(gate: mx.array, up: mx.array) -> mx.array:
-    """The kernel on prompt chunks (1.5-1.9x its twin); at decode the compiled twin, fused with
-    its neighbours, is as fast or faster (0.6-1.5x)."""
-    return (gelu_gate if gate.size >= PROMPT_ROWS * gate.shape[-1] else gelu_gate_ref)(gate, up)
+def _gelu_gate_by_rows(gate: mx.array, up: mx.array | None = None, up_offset: int = 0) -> mx.array:
+    """The kernel on prompt chunks (1.5-1.9x its twin) and wherever up is read from part of a
+    wider array (the MLP's gate|up halves, a layer's PLE columns): there the twin needs split
+    or slice nodes first, and a decode step is bound by its host cost per node. Separate gate
+    and up at decode (the MoE experts) take the compiled twin, fused with its neighbours."""
+    reads_part = up is None or up.shape[-1] != gate.shape[-1]
+    kernel = reads_part or gate.size >= PROMPT_ROWS * gate.shape[-1]
+    return (gelu_gate if kernel else gelu_gate_ref)(gate, up, up_offset)
 
 
 # Values of w from which qmv runs at decode (metal/README.md). In the model (H100, interleaved
@@ -64,15 +68,29 @@ def _qmv_for_decode(x, w, scales, biases, group_size, bits):
     return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
 
 
+# Query heads x keys up to which decode_attention runs a full layer. Each query head reads its
+# group's K/V (bench/kernels.py, H100, against the twin): 1.8-1.9x at 8 heads x 768 keys, 1.0-1.1x
+# at 16-32 x 768, 1.3-2.8x at 8-16 x 2048 and E2B's 8 x 4096 (1.4x); 0.91x at 32 x 2048, 0.77-0.92x
+# at 8-32 x 4096 with several KV heads. In the decode step the twin also costs ~9 graph nodes.
+FULL_KERNEL_MAX_HEAD_KEYS = 1 << 15
+
+
+def _full_decode_attention(queries, keys, values, mask):
+    """decode_attention on a full layer's cache up to FULL_KERNEL_MAX_HEAD_KEYS, the twin past it
+    (a shape of the traced step: the compiled step retraces when the cache buffer grows)."""
+    fits = queries.shape[1] * keys.shape[2] <= FULL_KERNEL_MAX_HEAD_KEYS
+    return (decode_attention if fits else decode_attention_ref)(queries, keys, values, mask)
+
+
 # Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
-# (metal/README.md has the table). decode_attention loses on full layers with GQA groups at 4k.
+# (metal/README.md has the tables).
 KERNELS = KernelSet(
     rope_norm=rope_norm,
     ple_inputs=ple_inputs,
     norm_residual=norm_residual,
     gelu_gate=_gelu_gate_by_rows,
     sliding_decode_attention=decode_attention,
-    full_decode_attention=decode_attention_ref,
+    full_decode_attention=_full_decode_attention,
     quantized_matmul=_qmv_for_decode,
     uses_kernels=True,
 )

@@ -26,9 +26,13 @@ def decode_attention_ref(
     """softmax(q k^T) v with scale 1.0 (q_norm / k_norm replace 1/sqrt(D)).
 
     queries [B, Hq, Lq, D]; keys, values [B, Hkv, S, D] as the cache returns them; mask None,
-    "causal" or boolean [B or 1, 1, Lq, S]. Returns [B, Hq, Lq, D].
+    "causal" or boolean [B or 1, 1, Lq, S]. Returns [B, Lq, Hq * D], as the output projection
+    reads it.
     """
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+    B, Hq, Lq, _ = queries.shape
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+    # One query's [B, Hq, 1, D] is already in that order: no transpose node.
+    return (out if Lq == 1 else out.transpose(0, 2, 1, 3)).reshape(B, Lq, -1)
 
 
 @functools.cache
@@ -66,10 +70,11 @@ def decode_attention(
     combine = build("decode_attention", "decode_attention_combine", ("part_acc", "part_ml"), ("out",))
     (out,) = combine(
         inputs=[part_acc, part_ml],
-        template=[("T", queries.dtype), ("D", D), ("TG", COMBINE_THREADS), ("MAX_SPLITS", MAX_SPLITS)],
+        template=[("T", queries.dtype), ("D", D), ("TG", COMBINE_THREADS), ("MAX_SPLITS", MAX_SPLITS), ("HQ", Hq),
+                  ("LQ", Lq)],
         grid=(rows * COMBINE_THREADS, 1, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
-        output_shapes=[(B, Hq, Lq, D)],
+        output_shapes=[(B, Lq, Hq * D)],
         output_dtypes=[queries.dtype],
     )
     return out

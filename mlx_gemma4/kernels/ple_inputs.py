@@ -14,22 +14,23 @@ ROWS_PER_TG = 4  # one simdgroup per (token, layer) row
 
 
 def ple_inputs_ref(tokens: mx.array, context: mx.array, weight: mx.array, hidden_size: int, eps: float) -> mx.array:
-    """Per-layer inputs [B, L, layers, P] from the gathered table rows and the projection.
+    """Per-layer inputs [B, L, layers * P] from the gathered table rows and the projection.
 
     tokens: embed_tokens_per_layer rows, context: per_layer_model_projection(h), both
-    [B, L, layers, P]; weight: per_layer_projection_norm.weight [P].
+    [B, L, layers * P] as those produce them (layer i's columns are [i * P, (i + 1) * P));
+    weight: per_layer_projection_norm.weight [P].
     """
-    P = tokens.shape[-1]
+    P = weight.shape[0]
     tokens = tokens * mx.array(math.sqrt(P), dtype=tokens.dtype)  # the table's embed scale
     # hidden^-0.5 brings the projection of the scaled embedding back to unit scale.
     context = context * mx.array(hidden_size**-0.5, dtype=context.dtype)
-    context = mx.fast.rms_norm(context, weight, eps)
+    context = mx.fast.rms_norm(context.reshape(*context.shape[:-1], -1, P), weight, eps).reshape(context.shape)
     return (context + tokens) * mx.array(2.0**-0.5, dtype=context.dtype)  # mix two unit-scale signals
 
 
 def ple_inputs(tokens: mx.array, context: mx.array, weight: mx.array, hidden_size: int, eps: float) -> mx.array:
-    B, L, N, P = tokens.shape
-    rows = B * L * N
+    P = weight.shape[0]
+    rows = tokens.size // P
     kernel = build("ple_inputs", "ple_inputs", ("tokens", "context", "w", "params"), ("out",))
     groups = (rows + ROWS_PER_TG - 1) // ROWS_PER_TG
     (out,) = kernel(

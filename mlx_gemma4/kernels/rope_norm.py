@@ -1,6 +1,7 @@
 """rope_norm: one layer's attention-projection epilogue in one launch: q/k RMSNorm, v's
 scale-free norm, per-layer RoPE on q and k, and the [B, H, L, D] transpose
-(metal/rope_norm.metal)."""
+(metal/rope_norm.metal). It reads the fused projection's output as the matmul writes it and
+writes q, k and v as three arrays: no reshape or slice node around it in the decode step."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from ._source import build, round_up, scalars
 Heads = tuple[mx.array, mx.array | None, mx.array | None]
 
 
-def _query_heads(x: mx.array, num_kv_heads: int, k_eq_v: bool) -> int:
-    return x.shape[2] - num_kv_heads * (1 if k_eq_v else 2)
+def _query_heads(x: mx.array, head_dim: int, num_kv_heads: int, k_eq_v: bool) -> int:
+    return x.shape[2] // head_dim - num_kv_heads * (1 if k_eq_v else 2)
 
 
 def rope_norm_ref(
@@ -22,11 +23,13 @@ def rope_norm_ref(
 ) -> Heads:
     """(queries, keys, values), each [B, heads, L, D], from the fused projection output.
 
-    x: [B, L, q heads + k heads (+ v heads), D]. num_kv_heads 0: a KV-shared layer, only
-    queries (keys, values None). k_eq_v: values are the scale-free norm of the raw k heads.
-    offset: int, or int32 [B] token positions of each row's first query.
+    x: [B, L, (q heads + k heads (+ v heads)) * D], D = q_weight's width. num_kv_heads 0: a
+    KV-shared layer, only queries (keys, values None). k_eq_v: values are the scale-free norm of
+    the raw k heads. offset: int, or int32 [B] token positions of each row's first query.
     """
-    hq = _query_heads(x, num_kv_heads, k_eq_v)
+    D = q_weight.shape[-1]
+    hq = _query_heads(x, D, num_kv_heads, k_eq_v)
+    x = x.reshape(*x.shape[:2], -1, D)
     queries = rope(mx.fast.rms_norm(x[:, :, :hq], q_weight, eps).transpose(0, 2, 1, 3), offset)
     if not num_kv_heads:
         return queries, None, None
@@ -55,21 +58,23 @@ def rope_norm(
     x: mx.array, q_weight: mx.array, k_weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE,
     eps: float, num_kv_heads: int = 0, k_eq_v: bool = False,
 ) -> Heads:
-    B, L, _, D = x.shape
-    hq = _query_heads(x, num_kv_heads, k_eq_v)
+    B, L, _ = x.shape
+    D = q_weight.shape[-1]
+    hq = _query_heads(x, D, num_kv_heads, k_eq_v)
     heads_out = hq + 2 * num_kv_heads
-    kernel = build("rope_norm", "rope_norm", ("x", "q_w", "k_w", "pos", "inv_freq", "params"), ("out",))
+    kernel = build(
+        "rope_norm", "rope_norm", ("x", "q_w", "k_w", "pos", "inv_freq", "params"), ("queries", "keys", "values")
+    )
     threads = max(32, round_up(D // 2, 32))
-    (out,) = kernel(
+    queries, keys, values = kernel(
         inputs=[x, q_weight, q_weight if k_weight is None else k_weight, _positions(offset, B), rope.inv_freq,
                 scalars(eps)],
         template=[("T", x.dtype), ("D", D), ("TG", threads), ("NQ", hq), ("NKV", num_kv_heads),
                   ("V_FROM_K", k_eq_v)],
         grid=(B * L * heads_out * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(B, heads_out, L, D)],
-        output_dtypes=[x.dtype],
+        # A KV-shared layer writes queries only: its keys and values hold no heads.
+        output_shapes=[(B, hq, L, D), (B, num_kv_heads, L, D), (B, num_kv_heads, L, D)],
+        output_dtypes=[x.dtype] * 3,
     )
-    if not num_kv_heads:
-        return out, None, None
-    return out[:, :hq], out[:, hq : hq + num_kv_heads], out[:, hq + num_kv_heads :]
+    return (queries, keys, values) if num_kv_heads else (queries, None, None)

@@ -16,7 +16,7 @@ pytestmark = requires_gpu
 @pytest.mark.parametrize("length", [1, 37, 128])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_matches_twin(dtype, layers, per_layer, hidden, length, batch):
-    shape = (batch, length, layers, per_layer)
+    shape = (batch, length, layers * per_layer)
     tokens = random(shape, dtype, scale=0.05, seed=length)  # table rows are small; sqrt(P) scales them
     context = random(shape, dtype, scale=hidden**0.5, seed=length + 1)
     weight = random((per_layer,), dtype, seed=3) * 0.5 + 1.0

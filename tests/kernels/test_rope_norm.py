@@ -44,7 +44,8 @@ def _rotate(y, offset, rope: RopeConfig):
 
 def oracle(x, q_weight, k_weight, offset, rope: RopeConfig, num_kv_heads, k_eq_v) -> list[np.ndarray]:
     """float64 NumPy (queries, keys, values) [B, heads, L, D]; only queries when num_kv_heads is 0."""
-    x = np.array(x.astype(mx.float32), dtype=np.float64).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    B, L, _ = x.shape
+    x = np.array(x.astype(mx.float32), dtype=np.float64).reshape(B, L, -1, q_weight.shape[0]).transpose(0, 2, 1, 3)
     hq = x.shape[1] - num_kv_heads * (1 if k_eq_v else 2)
     out = [_rotate(_norm(x[:, :hq], q_weight), offset, rope)]
     if num_kv_heads:
@@ -57,7 +58,7 @@ def oracle(x, q_weight, k_weight, offset, rope: RopeConfig, num_kv_heads, k_eq_v
 def fused_input(batch, length, head_dim, layout, dtype, seed):
     num_kv_heads, k_eq_v = LAYOUTS[layout]
     heads = QUERY_HEADS + num_kv_heads * (1 if k_eq_v else 2)
-    x = random((batch, length, heads, head_dim), dtype, scale=3.0, seed=seed)
+    x = random((batch, length, heads * head_dim), dtype, scale=3.0, seed=seed)  # as the fused matmul writes it
     q_weight = random((head_dim,), dtype, seed=1) * 0.5 + 1.0
     k_weight = random((head_dim,), dtype, seed=2) * 0.5 + 1.0 if num_kv_heads else None
     return x, q_weight, k_weight, num_kv_heads, k_eq_v

@@ -59,33 +59,42 @@ def test_norm_residual_ref():
 
 
 def test_ple_inputs_ref():
-    shape = (2, 3, 4, 16)
+    shape = (2, 3, 4 * 16)  # 4 layers of 16
     tokens, context = mx.random.normal(shape, key=mx.random.key(5)), mx.random.normal(shape, key=mx.random.key(6)) * 8
     w = mx.random.uniform(0.5, 1.5, (16,), key=mx.random.key(7))
     out = np64(ple_inputs_ref(tokens, context, w, 64, EPS))
-    expected = (rms(np64(context) * 64**-0.5, np64(w)) + np64(tokens) * 4.0) * 2**-0.5
+    context_rows = np64(context).reshape(2, 3, 4, 16) * 64**-0.5
+    expected = (rms(context_rows, np64(w)).reshape(shape) + np64(tokens) * 4.0) * 2**-0.5
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gelu_gate_ref():
-    gate, up = mx.split(mx.random.normal((2, 3, 64), key=mx.random.key(8)) * 3, 2, axis=-1)
-    x = np64(gate)
-    gelu = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-    np.testing.assert_allclose(np64(gelu_gate_ref(gate, up)), gelu * np64(up), rtol=1e-5, atol=1e-6)
+    """Separate gate and up, the halves of one gate|up array, and a layer's columns of a wider up."""
+    gate_up = mx.random.normal((2, 3, 64), key=mx.random.key(8)) * 3
+    x, up = np64(gate_up[..., :32]), np64(gate_up[..., 32:])
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))) * up
+    np.testing.assert_allclose(np64(gelu_gate_ref(gate_up[..., :32], gate_up[..., 32:])), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np64(gelu_gate_ref(gate_up)), expected, rtol=1e-5, atol=1e-6)
+    wide_up = mx.concatenate([mx.zeros((2, 3, 16)), gate_up[..., 32:], mx.zeros((2, 3, 8))], axis=-1)
+    np.testing.assert_allclose(np64(gelu_gate_ref(gate_up[..., :32], wide_up, 16)), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not cover"):
+        gelu_gate_ref(gate_up[..., :32], wide_up, 32)
 
 
-def test_chosen_gelu_gate_takes_the_twin_below_prompt_rows():
-    """KERNELS.gelu_gate: the twin for decode-sized calls, the kernel from PROMPT_ROWS rows."""
+def test_chosen_gelu_gate_takes_the_twin_only_for_separate_decode_operands():
+    """KERNELS.gelu_gate: the twin for separate gate and up of fewer than PROMPT_ROWS rows; the
+    kernel from PROMPT_ROWS rows, and for halves or columns read in place at any size."""
     from mlx_gemma4.kernels import KERNELS, PROMPT_ROWS, gpu_backend
 
     small = mx.random.normal((1, PROMPT_ROWS - 1, 64), key=mx.random.key(9))
     assert mx.array_equal(KERNELS.gelu_gate(small, small), gelu_gate_ref(small, small))
     large = mx.random.normal((1, PROMPT_ROWS, 64), key=mx.random.key(10))
-    if gpu_backend() is None:  # the kernel needs a GPU back end: reaching it raises here
-        with pytest.raises(RuntimeError, match="Metal or CUDA"):
-            KERNELS.gelu_gate(large, large)
-    else:
-        np.testing.assert_allclose(np64(KERNELS.gelu_gate(large, large)), np64(gelu_gate_ref(large, large)), atol=1e-5)
+    for args in [(large, large), (small,), (small[..., :16], small, 16)]:
+        if gpu_backend() is None:  # the kernel needs a GPU back end: reaching it raises here
+            with pytest.raises(RuntimeError, match="Metal or CUDA"):
+                KERNELS.gelu_gate(*args)
+        else:
+            np.testing.assert_allclose(np64(KERNELS.gelu_gate(*args)), np64(gelu_gate_ref(*args)), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sliding", "full"])
@@ -107,8 +116,8 @@ def test_decode_attention_ref_on_cache_masks(kind, queries):
             visible = np.array(mask)
         scores = np.where(visible, scores, -np.inf)
         p = np.exp(scores - scores.max(-1, keepdims=True))
-        expected = (p / p.sum(-1, keepdims=True)) @ v
-        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+        expected = (p / p.sum(-1, keepdims=True)) @ v  # [B, Hq, Lq, D] -> [B, Lq, Hq * D]
+        np.testing.assert_allclose(out, expected.transpose(0, 2, 1, 3).reshape(2, queries, -1), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -145,3 +154,24 @@ def test_chosen_quantized_matmul_takes_mlx_outside_qmv_shapes():
     assert qmv_supports(token, w, biases, 64, 4) and qmv_supports(token, w, biases, 32, 8)
     assert not qmv_supports(token, w, biases, 64, 3) and not qmv_supports(token, w, biases, 16, 4)
     assert not qmv_supports(token, w, None, 64, 4)
+
+
+def test_chosen_full_decode_attention_takes_the_twin_past_its_head_keys():
+    """KERNELS.full_decode_attention: the kernel up to FULL_KERNEL_MAX_HEAD_KEYS query heads x
+    keys (each query head reads its group's K/V), the twin past it."""
+    from mlx_gemma4.kernels import FULL_KERNEL_MAX_HEAD_KEYS, KERNELS, gpu_backend
+
+    def operands(keys):
+        q = mx.random.normal((1, 8, 1, 32), key=mx.random.key(14)) * 0.3
+        kv = mx.random.normal((1, 2, keys, 32), key=mx.random.key(15))
+        return q, kv, kv, None
+
+    past = operands(FULL_KERNEL_MAX_HEAD_KEYS // 8 + 1)
+    assert mx.array_equal(KERNELS.full_decode_attention(*past), decode_attention_ref(*past))
+    within = operands(FULL_KERNEL_MAX_HEAD_KEYS // 8)
+    if gpu_backend() is None:  # the kernel needs a GPU back end: reaching it raises here
+        with pytest.raises(RuntimeError, match="Metal or CUDA"):
+            KERNELS.full_decode_attention(*within)
+    else:
+        np.testing.assert_allclose(np64(KERNELS.full_decode_attention(*within)), np64(decode_attention_ref(*within)),
+                                   atol=1e-4)
