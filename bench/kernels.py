@@ -27,8 +27,8 @@ import mlx.core as mx  # noqa: E402
 from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM  # noqa: E402
 from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
-    decode_attention, decode_attention_ref, gelu_gate, gelu_gate_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
-    qmv, qmv_ref, rope_norm, rope_norm_ref,
+    decode_attention, decode_attention_ref, gelu_gate, gelu_gate_ref, moe_norm_residual, moe_norm_residual_ref,
+    moe_router, moe_router_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref, qmv, qmv_ref, rope_norm, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE  # noqa: E402
 
@@ -118,6 +118,24 @@ def bench_qmv(config, phase):
         yield f"{label} {bits}-bit [{K}]x[{N},{K}]", make
 
 
+def bench_moe_norm_residual(config, phase):
+    if not config.enable_moe_block:
+        return
+    L, N, k = (1 if phase == "decode" else PREFILL), config.hidden_size, config.top_k_experts
+    weights = lambda: mx.softmax(_rand((1, L, k)).astype(mx.float32), axis=-1)  # noqa: E731
+    yield f"dense [1,{L},{N}] experts [1,{L},{k},{N}] then norm", lambda: (
+        _rand((1, L, N)), _rand((1, L, k, N)), weights(), _rand((N,)) + 1, _rand((N,)) + 1, _rand((N,)) + 1,
+        _rand((1, L, N)), _rand((1,)), EPS, _rand((N,)) + 1)
+
+
+def bench_moe_router(config, phase):
+    if not config.enable_moe_block:
+        return
+    L, E = (1 if phase == "decode" else PREFILL), config.num_experts
+    yield f"logits [1,{L},{E}] top {config.top_k_experts}", lambda: (_rand((1, L, E), 3.0), _rand((E,)) + 1,
+                                                                      config.top_k_experts)
+
+
 BENCHES = {
     "rope_norm": (bench_rope_norm, rope_norm, rope_norm_ref),
     "ple_inputs": (bench_ple_inputs, ple_inputs, ple_inputs_ref),
@@ -125,6 +143,8 @@ BENCHES = {
     "gelu_gate": (bench_gelu_gate, gelu_gate, gelu_gate_ref),
     "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
     "qmv": (bench_qmv, qmv, qmv_ref),
+    "moe_router": (bench_moe_router, moe_router, moe_router_ref),
+    "moe_norm_residual": (bench_moe_norm_residual, moe_norm_residual, moe_norm_residual_ref),
 }
 
 

@@ -31,6 +31,21 @@ GEMMA_FN float block_sum(float v, TG_ADDR float* buf, uint lane, uint sg) {
   return v;
 }
 
+// Max of v over a threadgroup of NSG simdgroups; every thread of the group must call it.
+template <int NSG>
+GEMMA_FN float block_max(float v, TG_ADDR float* buf, uint lane, uint sg) {
+  v = simd_max(v);
+  if (NSG > 1) {
+    if (lane == 0) {
+      buf[sg] = v;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    v = simd_max(lane < uint(NSG) ? buf[lane] : GEMMA_NEG_BIG);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  return v;
+}
+
 // Round a float32 value through the storage type T and back: where the MLX twin stores an
 // intermediate in T, the kernel rounds there too, so the two agree to the last bit more often.
 template <typename T>

@@ -51,3 +51,77 @@
       }
     }
   }
+
+// moe_norm_residual: the end of a MoE layer's feed-forward block in one launch. The experts'
+// outputs are summed with their router weights, the dense MLP's output and that sum are each
+// RMS-normed (post_feedforward_layernorm_1 / _2) and added, and the result goes through
+// norm_residual as above (post_feedforward_layernorm, residual, layer_scalar, the next norm).
+// In: dense [rows, N], experts [rows, K, N], weights float32 [rows, K], dense_w, experts_w, w
+// [N], residual [rows, N], scale [1], next_w [N]. Out: out, normed as norm_residual's.
+// Templates: T, N, K, TG, HAS_SCALE, HAS_NEXT. Rounding follows the twin: each weighted expert
+// output, their sum, both normed branches and their sum are stored in T.
+
+// @kernel moe_norm_residual
+  constexpr int PER_THREAD = (N + TG - 1) / TG;
+  uint row = threadgroup_position_in_grid.x;
+  uint t = thread_position_in_threadgroup.x;
+  uint lane = thread_index_in_simdgroup;
+  uint sg = simdgroup_index_in_threadgroup;
+  threadgroup float buf[32];
+
+  size_t base = size_t(row) * N;
+  float dense_kept[PER_THREAD];
+  float mixed_kept[PER_THREAD];
+  float ss_dense = 0.0f;
+  float ss_mixed = 0.0f;
+  for (int k = 0; k < PER_THREAD; k++) {
+    uint i = t + uint(k) * TG;
+    dense_kept[k] = 0.0f;
+    mixed_kept[k] = 0.0f;
+    if (i < uint(N)) {
+      float mixed = 0.0f;
+      for (int j = 0; j < K; j++) {
+        float weight = round_to<T>(weights[size_t(row) * K + j]);
+        mixed += round_to<T>(weight * static_cast<float>(experts[(size_t(row) * K + j) * N + i]));
+      }
+      dense_kept[k] = static_cast<float>(dense[base + i]);
+      mixed_kept[k] = round_to<T>(mixed);
+      ss_dense += dense_kept[k] * dense_kept[k];
+      ss_mixed += mixed_kept[k] * mixed_kept[k];
+    }
+  }
+  float r_dense = metal::precise::rsqrt(block_sum<TG / 32>(ss_dense, buf, lane, sg) / float(N) + params[0]);
+  float r_mixed = metal::precise::rsqrt(block_sum<TG / 32>(ss_mixed, buf, lane, sg) / float(N) + params[0]);
+  float ss = 0.0f;
+  for (int k = 0; k < PER_THREAD; k++) {
+    uint i = t + uint(k) * TG;
+    if (i < uint(N)) {
+      float a = round_to<T>(dense_kept[k] * r_dense * static_cast<float>(dense_w[i]));
+      float b = round_to<T>(mixed_kept[k] * r_mixed * static_cast<float>(experts_w[i]));
+      dense_kept[k] = round_to<T>(a + b);
+      ss += dense_kept[k] * dense_kept[k];
+    }
+  }
+  float r = metal::precise::rsqrt(block_sum<TG / 32>(ss, buf, lane, sg) / float(N) + params[0]);
+  float sc = HAS_SCALE ? static_cast<float>(scale[0]) : 1.0f;
+  float ss_out = 0.0f;
+  for (int k = 0; k < PER_THREAD; k++) {
+    uint i = t + uint(k) * TG;
+    if (i < uint(N)) {
+      float n = round_to<T>(dense_kept[k] * r * static_cast<float>(w[i]));
+      float h = round_to<T>(static_cast<float>(residual[base + i]) + n);
+      h = HAS_SCALE ? round_to<T>(h * sc) : h;
+      out[base + i] = static_cast<T>(h);
+      mixed_kept[k] = h;
+      ss_out += h * h;
+    }
+  }
+  if (HAS_NEXT) {
+    float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + params[0]);
+    for (int k = 0; k < PER_THREAD; k++) {
+      uint i = t + uint(k) * TG;
+      if (i < uint(N)) {
+        normed[base + i] = static_cast<T>(mixed_kept[k] * r_out * static_cast<float>(next_w[i]));
+      }
+    }
+  }

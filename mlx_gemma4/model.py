@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -285,8 +286,9 @@ def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array, rows: Ex
 class Router(nn.Module):
     """Gemma4TextRouter: softmax over all experts in fp32, top-k, renormalise, per-expert scale."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ops: KernelSet):
         super().__init__()
+        self.ops = ops
         self.eps = config.rms_norm_eps
         self.top_k = config.top_k_experts
         self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
@@ -296,11 +298,7 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         x = rms_norm_no_scale(x, self.eps) * self.scale * self.root_size
-        probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
-        indices = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-        weights = mx.take_along_axis(probs, indices, axis=-1)
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-        return weights * self.per_expert_scale[indices], indices
+        return self.ops.moe_router(self.proj(x), self.per_expert_scale, self.top_k)
 
 
 class DecoderLayer(nn.Module):
@@ -318,7 +316,7 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps)
         self.layer_scalar = mx.ones((1,))
         if config.enable_moe_block:
-            self.router = Router(config)
+            self.router = Router(config, ops)
             self.experts = SwitchGLU(
                 hidden, config.moe_intermediate_size, config.num_experts, activation=self._expert_glu
             )
@@ -337,8 +335,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_inputs=None,
                  expert_rows=None):
         """`normed`: input_layernorm(h), computed by the layer before; `per_layer_inputs`: every
-        layer's, [B, L, layers * P]; `expert_rows`: see grouped_experts. Returns (h, h normed by `next_norm`, the next layer's input norm or the
-        final norm, kv)."""
+        layer's, [B, L, layers * P]; `expert_rows`: see grouped_experts. Returns (h, h normed by
+        `next_norm`, the next layer's input norm or the final norm, kv)."""
         # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
         norm_residual = self.ops.norm_residual
         attn, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
@@ -357,13 +355,16 @@ class DecoderLayer(nn.Module):
                 experts = self.experts(experts_input.astype(mx.float32), indices).astype(experts_input.dtype)
             else:
                 experts = self.experts(experts_input, indices)
-            experts = (experts * weights[..., None].astype(experts.dtype)).sum(axis=-2)
-            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(experts)
+            # The experts mixed by their weights and normed, plus the normed dense branch, then as below.
+            feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights,
+                                       self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight)
+        else:
+            feed_forward_end = partial(norm_residual, m)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
         if per_layer_inputs is None:
-            return *norm_residual(m, self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
-                                  next_norm), kv
-        h = norm_residual(m, self.post_feedforward_layernorm.weight, residual, None, self.eps)
+            return *feed_forward_end(self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
+                                     next_norm), kv
+        h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
         gate = self.ops.gelu_gate(self.per_layer_input_gate(h), per_layer_inputs, self.ple_column)
         projected = self.per_layer_projection(gate)
         return *norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
@@ -400,11 +401,10 @@ class Model(nn.Module):
     def use_kernels(self, ops: KernelSet):
         """Run with the kernel set `ops` from now on (benchmarks compare sets on one model). Call
         it again after quantizing: it routes the quantized projections through `ops` too."""
-        for module in [self, *self.layers, *(m for layer in self.layers for m in (layer.self_attn, layer.mlp))]:
-            module.ops = ops
         for _, module in self.named_modules():
             if isinstance(module, nn.QuantizedLinear):
                 module.__class__ = QuantizedLinear  # same fields; only __call__ differs
+            if isinstance(module, QuantizedLinear) or hasattr(module, "ops"):
                 module.ops = ops
         self._compiled_decode = self._compiled_prompt = None  # traced with the old set
 

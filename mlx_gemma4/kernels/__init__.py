@@ -14,7 +14,8 @@ import mlx.core as mx
 from ._source import gpu_backend, kernels_enabled
 from .decode_attention import MAX_DECODE_QUERIES, decode_attention, decode_attention_ref
 from .gelu_gate import gelu_gate, gelu_gate_ref
-from .norm_residual import norm_residual, norm_residual_ref
+from .moe_router import moe_router, moe_router_ref
+from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
 from .qmv import qmv, qmv_ref, qmv_supports
 from .rope_norm import rope_norm, rope_norm_ref
@@ -32,6 +33,8 @@ class KernelSet:
     sliding_decode_attention: Callable  # head_dim 256, K/V of a sliding ring
     full_decode_attention: Callable  # head_dim 512, K/V of a full-attention cache
     quantized_matmul: Callable  # quantized projections and the tied LM head (model.quantized_product): qmv's signature
+    moe_router: Callable  # softmax, top k, renormalise and per-expert scale of the router's logits
+    moe_norm_residual: Callable  # the end of a MoE feed-forward block: experts mixed, branches normed, norm_residual
     uses_kernels: bool
 
 
@@ -92,15 +95,18 @@ KERNELS = KernelSet(
     sliding_decode_attention=decode_attention,
     full_decode_attention=_full_decode_attention,
     quantized_matmul=_qmv_for_decode,
+    moe_router=moe_router,
+    moe_norm_residual=moe_norm_residual,
     uses_kernels=True,
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
-    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, True
+    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, moe_router,
+    moe_norm_residual, True,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
-    False,
+    moe_router_ref, moe_norm_residual_ref, False,
 )
 
 
@@ -114,6 +120,6 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 
 __all__ = [
     "ALL_KERNELS", "KERNELS", "PROMPT_ROWS", "TWINS", "KernelSet", "MAX_DECODE_QUERIES", "decode_attention", "decode_attention_ref",
-    "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "norm_residual", "norm_residual_ref", "ple_inputs",
+    "gelu_gate", "gelu_gate_ref", "gpu_backend", "moe_norm_residual", "moe_norm_residual_ref", "moe_router", "moe_router_ref", "kernels_enabled", "norm_residual", "norm_residual_ref", "ple_inputs",
     "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -1,7 +1,8 @@
 """norm_residual: (residual + RMSNorm(x) * weight) * scale in one launch, and optionally the
 RMSNorm the next sub-block starts with (metal/norm_residual.metal). Ends each decoder
 sub-block: post-attention, post-feedforward, and the PLE epilogue (per_layer_projection output
-normed, added, times layer_scalar)."""
+normed, added, times layer_scalar). `moe_norm_residual` ends a MoE layer's feed-forward block:
+it first mixes the experts' outputs and adds the two normed branches."""
 
 from __future__ import annotations
 
@@ -37,6 +38,43 @@ def norm_residual(
         inputs=[x, weight, residual, weight if scale is None else scale, next_weight if has_next else weight,
                 scalars(eps)],
         template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None),
+                  ("HAS_NEXT", has_next)],
+        grid=(rows * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[residual.shape, residual.shape if has_next else (1,)],
+        output_dtypes=[residual.dtype, residual.dtype],
+    )
+    return (out, normed) if has_next else out
+
+
+def moe_norm_residual_ref(
+    dense: mx.array, experts: mx.array, weights: mx.array, dense_weight: mx.array, experts_weight: mx.array,
+    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """norm_residual_ref of RMSNorm(dense) * dense_weight + RMSNorm(mixed) * experts_weight,
+    where mixed sums the experts' outputs [..., k, N] times their router weights [..., k]."""
+    mixed = (experts * weights[..., None].astype(experts.dtype)).sum(axis=-2)
+    x = mx.fast.rms_norm(dense, dense_weight, eps) + mx.fast.rms_norm(mixed, experts_weight, eps)
+    return norm_residual_ref(x, weight, residual, scale, eps, next_weight)
+
+
+def moe_norm_residual(
+    dense: mx.array, experts: mx.array, weights: mx.array, dense_weight: mx.array, experts_weight: mx.array,
+    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
+    N, K = dense.shape[-1], weights.shape[-1]
+    rows = dense.size // N
+    kernel = build(
+        "norm_residual", "moe_norm_residual",
+        ("dense", "experts", "weights", "dense_w", "experts_w", "w", "residual", "scale", "next_w", "params"),
+        ("out", "normed"),
+    )
+    threads = min(1024, max(32, round_up(N // 8, 32)))
+    has_next = next_weight is not None
+    out, normed = kernel(
+        inputs=[dense, experts, weights, dense_weight, experts_weight, weight, residual,
+                weight if scale is None else scale, next_weight if has_next else weight, scalars(eps)],
+        template=[("T", residual.dtype), ("N", N), ("K", K), ("TG", threads), ("HAS_SCALE", scale is not None),
                   ("HAS_NEXT", has_next)],
         grid=(rows * threads, 1, 1),
         threadgroup=(threads, 1, 1),

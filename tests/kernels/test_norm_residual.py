@@ -1,14 +1,15 @@
-"""norm_residual kernel vs its twin: hidden sizes of the four models and the tiny checkpoints,
-with and without the layer_scalar, with and without the next sub-block's norm, decode and
-prefill rows."""
+"""norm_residual and moe_norm_residual kernels vs their twins: hidden sizes of the four models
+and the tiny checkpoints, with and without the layer_scalar, with and without the next
+sub-block's norm, decode and prefill rows; MoE with 26B-A4B's top 8 and other k."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from tolerances import DTYPES, assert_close, random, requires_gpu
 
-from mlx_gemma4.kernels import norm_residual, norm_residual_ref
+from mlx_gemma4.kernels import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 
 pytestmark = requires_gpu
 
@@ -32,3 +33,31 @@ def test_matches_twin(dtype, hidden, length, batch, scaled, then_norm):
     assert len(outs) == len(refs)
     for part, out, ref in zip(("h", "normed"), outs, refs):
         assert_close(out, ref, dtype, f"norm_residual[{dtype} N{hidden} L{length} B{batch} {scaled} {part}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden,top_k", [(64, 2), (2816, 8), (1000, 3)])
+@pytest.mark.parametrize("length", [1, 37])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("then_norm", [False, True])
+def test_moe_matches_twin(dtype, hidden, top_k, length, scaled, then_norm):
+    dense = random((1, length, hidden), dtype, scale=4.0, seed=hidden)
+    experts = random((1, length, top_k, hidden), dtype, scale=2.0, seed=hidden + 2)
+    weights = mx.softmax(random((1, length, top_k), mx.float32, seed=hidden + 3), axis=-1)
+    residual = random((1, length, hidden), dtype, seed=hidden + 1)
+    dense_weight, experts_weight, weight = (random((hidden,), dtype, seed=s) * 0.5 + 1.0 for s in (4, 5, 2))
+    scale = mx.array([0.37], dtype=dtype) if scaled else None
+    next_weight = random((hidden,), dtype, seed=3) * 0.5 + 1.0 if then_norm else None
+    args = (dense, experts, weights, dense_weight, experts_weight, weight, residual, scale, 1e-6, next_weight)
+    outs, refs = moe_norm_residual(*args), moe_norm_residual_ref(*args)
+    # Five roundings to the dtype chain up before the output (mix, two branch norms, their sum,
+    # the residual): allow the twin's own error against itself in float32, as rope_norm's test does.
+    exacts = moe_norm_residual_ref(*(a.astype(mx.float32) if isinstance(a, mx.array) else a for a in args))
+    if not then_norm:
+        outs, refs, exacts = (outs,), (refs,), (exacts,)
+    for part, out, ref, exact in zip(("h", "normed"), outs, refs, exacts):
+        twin_diff = np.array(ref.astype(mx.float32), dtype=np.float64) - np.array(exact, dtype=np.float64)
+        twin_error = float(np.abs(twin_diff).max())
+        twin_nmse = float((twin_diff**2).sum() / (np.array(exact, dtype=np.float64) ** 2).sum())
+        assert_close(out, ref, dtype, f"moe_norm_residual[{dtype} N{hidden} k{top_k} L{length} {scaled} {part}]",
+                     extra_atol=2 * twin_error, extra_nmse=4 * twin_nmse)

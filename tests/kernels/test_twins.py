@@ -11,7 +11,8 @@ from test_rope_norm import LAYOUTS, fused_input, oracle
 
 from mlx_gemma4.config import RopeConfig
 from mlx_gemma4.kernels import (
-    decode_attention_ref, gelu_gate_ref, norm_residual_ref, ple_inputs_ref, qmv_ref, qmv_supports, rope_norm_ref,
+    decode_attention_ref, gelu_gate_ref, moe_norm_residual_ref, moe_router_ref, norm_residual_ref, ple_inputs_ref,
+    qmv_ref, qmv_supports, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE
 
@@ -175,3 +176,31 @@ def test_chosen_full_decode_attention_takes_the_twin_past_its_head_keys():
     else:
         np.testing.assert_allclose(np64(KERNELS.full_decode_attention(*within)), np64(decode_attention_ref(*within)),
                                    atol=1e-4)
+
+
+def test_moe_router_ref():
+    """Softmax in float32, the top k by probability, renormalised, times each expert's scale."""
+    logits = mx.random.normal((2, 3, 16), key=mx.random.key(16)) * 2
+    scale = mx.random.uniform(0.5, 1.5, (16,), key=mx.random.key(17))
+    weights, indices = moe_router_ref(logits, scale, 4)
+    probs = np.exp(np64(logits))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.sort(np.argsort(-probs, axis=-1)[..., :4], axis=-1)
+    order = np.argsort(np.array(indices), axis=-1)
+    np.testing.assert_array_equal(np.take_along_axis(np.array(indices), order, -1), top)
+    kept = np.take_along_axis(probs, top, -1)
+    expected = kept / kept.sum(-1, keepdims=True) * np64(scale)[top]
+    np.testing.assert_allclose(np.take_along_axis(np64(weights), order, -1), expected, rtol=1e-5)
+
+
+def test_moe_norm_residual_ref():
+    """The experts' outputs mixed by their weights, both branches normed and added, then norm_residual."""
+    dense, residual = (mx.random.normal((2, 3, 64), key=mx.random.key(k)) for k in (18, 19))
+    experts = mx.random.normal((2, 3, 4, 64), key=mx.random.key(20))
+    weights = mx.random.uniform(0.1, 1.0, (2, 3, 4), key=mx.random.key(21))
+    w1, w2, w, next_w = (mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(k)) for k in (22, 23, 24, 25))
+    h, normed = moe_norm_residual_ref(dense, experts, weights, w1, w2, w, residual, mx.array([0.5]), EPS, next_w)
+    mixed = (np64(experts) * np64(weights)[..., None]).sum(-2)
+    expected = (np64(residual) + rms(rms(np64(dense), np64(w1)) + rms(mixed, np64(w2)), np64(w))) * 0.5
+    np.testing.assert_allclose(np64(h), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np64(normed), rms(expected, np64(next_w)), rtol=1e-5, atol=1e-5)
