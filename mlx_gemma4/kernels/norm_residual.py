@@ -22,29 +22,33 @@ def norm_residual_ref(
     return h if next_weight is None else (h, mx.fast.rms_norm(h, next_weight, eps))
 
 
-def norm_residual(
-    x: mx.array, weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
-    next_weight: mx.array | None = None,
-) -> mx.array | tuple[mx.array, mx.array]:
-    N = x.shape[-1]
-    rows = x.size // N
-    kernel = build(
-        "norm_residual", "norm_residual", ("x", "w", "residual", "scale", "next_w", "params"), ("out", "normed")
-    )
+def _run(body: str, leading: dict[str, mx.array], weight: mx.array, residual: mx.array, scale: mx.array | None,
+         eps: float, next_weight: mx.array | None, template: list) -> mx.array | tuple[mx.array, mx.array]:
+    """Launch a body of norm_residual.metal: its `leading` inputs, then w, residual, scale,
+    next_w and params; one threadgroup per row of `residual`."""
+    N = residual.shape[-1]
+    kernel = build("norm_residual", body, (*leading, "w", "residual", "scale", "next_w", "params"), ("out", "normed"))
     # About 8 elements a thread, whole simdgroups, at most 1024 threads.
     threads = min(1024, max(32, round_up(N // 8, 32)))
     has_next = next_weight is not None
     out, normed = kernel(
-        inputs=[x, weight, residual, weight if scale is None else scale, next_weight if has_next else weight,
-                scalars(eps)],
+        inputs=[*leading.values(), weight, residual, weight if scale is None else scale,
+                next_weight if has_next else weight, scalars(eps)],
         template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None),
-                  ("HAS_NEXT", has_next)],
-        grid=(rows * threads, 1, 1),
+                  ("HAS_NEXT", has_next), *template],
+        grid=(residual.size // N * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[residual.shape, residual.shape if has_next else (1,)],
         output_dtypes=[residual.dtype, residual.dtype],
     )
     return (out, normed) if has_next else out
+
+
+def norm_residual(
+    x: mx.array, weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
+    next_weight: mx.array | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
+    return _run("norm_residual", {"x": x}, weight, residual, scale, eps, next_weight, [])
 
 
 def moe_norm_residual_ref(
@@ -62,23 +66,6 @@ def moe_norm_residual(
     dense: mx.array, experts: mx.array, weights: mx.array, dense_weight: mx.array, experts_weight: mx.array,
     weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
 ) -> mx.array | tuple[mx.array, mx.array]:
-    N, K = dense.shape[-1], weights.shape[-1]
-    rows = dense.size // N
-    kernel = build(
-        "norm_residual", "moe_norm_residual",
-        ("dense", "experts", "weights", "dense_w", "experts_w", "w", "residual", "scale", "next_w", "params"),
-        ("out", "normed"),
-    )
-    threads = min(1024, max(32, round_up(N // 8, 32)))
-    has_next = next_weight is not None
-    out, normed = kernel(
-        inputs=[dense, experts, weights, dense_weight, experts_weight, weight, residual,
-                weight if scale is None else scale, next_weight if has_next else weight, scalars(eps)],
-        template=[("T", residual.dtype), ("N", N), ("K", K), ("TG", threads), ("HAS_SCALE", scale is not None),
-                  ("HAS_NEXT", has_next)],
-        grid=(rows * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[residual.shape, residual.shape if has_next else (1,)],
-        output_dtypes=[residual.dtype, residual.dtype],
-    )
-    return (out, normed) if has_next else out
+    leading = {"dense": dense, "experts": experts, "weights": weights, "dense_w": dense_weight,
+               "experts_w": experts_weight}
+    return _run("moe_norm_residual", leading, weight, residual, scale, eps, next_weight, [("K", weights.shape[-1])])
