@@ -76,7 +76,8 @@ def bench_ple_inputs(config, phase):
     if not P:
         return
     L, n = (1 if phase == "decode" else PREFILL), config.num_hidden_layers
-    yield f"[1,{L},{n}*{P}]", lambda: (_rand((1, L, n * P), 0.05), _rand((1, L, n * P), 30.0), _rand((P,)) + 1, config.hidden_size, EPS)
+    yield f"[1,{L},{n}*{P}]", lambda: (_rand((1, L, n * P), 0.05), _rand((1, L, n * P), 30.0), _rand((P,)) + 1,
+                                       config.hidden_size, EPS)
 
 
 def bench_gelu_gate(config, phase):

@@ -356,8 +356,8 @@ class DecoderLayer(nn.Module):
             else:
                 experts = self.experts(experts_input, indices)
             # The experts mixed by their weights and normed, plus the normed dense branch, then as below.
-            feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights,
-                                       self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight)
+            branch_norms = (self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight)
+            feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights, *branch_norms)
         else:
             feed_forward_end = partial(norm_residual, m)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
