@@ -260,11 +260,13 @@ def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array, rows: Ex
     """
     num_experts, D, k = experts.gate_proj.num_experts, x.shape[-1], indices.shape[-1]
     flat = indices.reshape(-1)
+    bins = num_experts
     if rows is not None:  # the padding's copies go to a bin past the last expert, which no expert reads
         flat = mx.where(mx.arange(flat.size) // k <= rows.last, flat, num_experts)
+        bins += 1
     order = mx.argsort(flat)
     expert_of = flat[order]
-    counts = (flat[:, None] == mx.arange(num_experts + 1)[None, :]).sum(axis=0)
+    counts = (flat[:, None] == mx.arange(bins)[None, :]).sum(axis=0)
     busiest = counts[:num_experts].max()
     if rows is None:
         capacity = busiest.item()
@@ -274,7 +276,7 @@ def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array, rows: Ex
     rank = mx.arange(flat.size) - (mx.cumsum(counts) - counts)[expert_of]  # place within its expert's rows
     # Rows past a capacity (the padding bin's, or an overflow's, which the caller discards) share its last slot.
     slots = expert_of.astype(mx.int32) * capacity + mx.minimum(rank, capacity - 1).astype(mx.int32)
-    grouped = mx.zeros(((num_experts + 1) * capacity, D), dtype=x.dtype)
+    grouped = mx.zeros((bins * capacity, D), dtype=x.dtype)
     grouped[slots] = x.reshape(-1, D)[order // k]
     grouped = grouped[: num_experts * capacity].reshape(num_experts, capacity, D)
     every = mx.arange(num_experts, dtype=mx.uint32)
