@@ -90,6 +90,9 @@ class CompiledPrompt:
         self._cache: list = []  # the caches being filled; their kinds and windows shape the graph
         self._prompt = mx.compile(self._traced)
         self.capacity_factors: dict[int, float] = {}  # per bucket: the experts' room (model.ExpertRows)
+        # Whether the traced graph flags expert overflows (CUDA's grouped experts; set by the
+        # trace): only then is the flag read, a wait on the host.
+        self.checks_overflow = False
 
     @staticmethod
     def for_model(model: Model) -> "CompiledPrompt":
@@ -116,7 +119,8 @@ class CompiledPrompt:
         config = self.model.config
         rows = ExpertRows.for_chunk(config, tokens.shape[1], last, capacity_factor) if config.enable_moe_block else None
         logits = self.model.last_logits(tokens, views, last, rows)
-        overflowed = mx.stack(rows.overflows).any() if rows is not None and rows.overflows else mx.array(False)
+        self.checks_overflow = rows is not None and bool(rows.overflows)
+        overflowed = mx.stack(rows.overflows).any() if self.checks_overflow else mx.array(False)
         return logits, overflowed, [(v.keys, v.values) for v in views]
 
     def __call__(self, prompt: mx.array, cache: list) -> mx.array:
@@ -131,7 +135,7 @@ class CompiledPrompt:
             logits, overflowed, filled = self._prompt(tokens, last, factor)
             # An expert routed more rows than it had room for: again with twice the room, which
             # ends by room for every row (random-weight 26B-A4B, p=64: 4 times the share was short).
-            if not (self.model.config.enable_moe_block and overflowed.item()):
+            if not (self.checks_overflow and overflowed.item()):
                 break
             self.capacity_factors[padded] = 2 * factor
         for c, (keys, values) in zip(cache, filled):

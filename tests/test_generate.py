@@ -214,7 +214,13 @@ def test_compiled_prompt_of_a_moe_model_groups_the_experts_rows_without_the_host
     assert mx.abs(prefill(model, prompt, cache, 512) - expected).max().item() <= 1e-4
     assert [c.offset for c in cache] == [length] * len(cache)
     bucket = -(-length // CompiledPrompt.BUCKET) * CompiledPrompt.BUCKET
-    assert model._compiled_prompt.capacity_factors[bucket] >= 0.5
+    assert model._compiled_prompt.capacity_factors[bucket] >= 0.5 and model._compiled_prompt.checks_overflow
+
+    # Metal's expert path (SwitchGLU) has no room to overflow: no flag is read, the same logits.
+    monkeypatch.setattr(model_module, "groups_experts_by_block", lambda: False)
+    model._compiled_prompt = None
+    assert mx.abs(CompiledPrompt.for_model(model)(prompt, model.make_cache()) - expected).max().item() <= 1e-4
+    assert not model._compiled_prompt.checks_overflow and not model._compiled_prompt.capacity_factors
 
 
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
