@@ -6,7 +6,6 @@ gate and up. The matmuls around it stay MLX ops (quantized or not)."""
 from __future__ import annotations
 
 import functools
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,7 +25,7 @@ def _operands(gate: mx.array, up: mx.array | None, up_offset: int) -> tuple[mx.a
     return up, gate.shape[-1], up_offset
 
 
-@partial(mx.compile, shapeless=True)
+@functools.partial(mx.compile, shapeless=True)
 def _gelu_gate_twin(gate: mx.array, up: mx.array) -> mx.array:
     # float32: torch rounds GELU once, not after every op.
     return (nn.gelu_approx(gate.astype(mx.float32)) * up.astype(mx.float32)).astype(up.dtype)
