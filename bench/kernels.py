@@ -69,6 +69,9 @@ def bench_norm_residual(config, phase):
     yield f"[1,{L},{N}] x layer_scalar", lambda: (_rand((1, L, N)), _rand((N,)) + 1, _rand((1, L, N)), _rand((1,)), EPS)
     # As the model calls it: the next sub-block's norm from the same pass.
     yield f"[1,{L},{N}] then norm", lambda: (_rand((1, L, N)), _rand((N,)) + 1, _rand((1, L, N)), None, EPS, _rand((N,)) + 1)
+    if config.enable_moe_block:  # the post-attention block: the dense MLP's, the router's and the experts' norms
+        yield f"[1,{L},{N}] then 3 norms", lambda: (_rand((1, L, N)), _rand((N,)) + 1, _rand((1, L, N)), None, EPS,
+                                                    tuple(_rand((N,)) + 1 for _ in range(3)))
 
 
 def bench_ple_inputs(config, phase):
@@ -124,8 +127,8 @@ def bench_moe_norm_residual(config, phase):
         return
     L, N, k = (1 if phase == "decode" else PREFILL), config.hidden_size, config.top_k_experts
     weights = lambda: mx.softmax(_rand((1, L, k)).astype(mx.float32), axis=-1)  # noqa: E731
-    yield f"dense [1,{L},{N}] experts [1,{L},{k},{N}] then norm", lambda: (
-        _rand((1, L, N)), _rand((1, L, k, N)), weights(), _rand((N,)) + 1, _rand((N,)) + 1, _rand((N,)) + 1,
+    yield f"dense [1,{L},{N}] experts [1,{L},{k},1,{N}] then norm", lambda: (
+        _rand((1, L, N)), _rand((1, L, k, 1, N)), weights(), _rand((N,)) + 1, _rand((N,)) + 1, _rand((N,)) + 1,
         _rand((1, L, N)), _rand((1,)), EPS, _rand((N,)) + 1)
 
 
@@ -134,7 +137,7 @@ def bench_moe_router(config, phase):
         return
     L, E = (1 if phase == "decode" else PREFILL), config.num_experts
     yield f"logits [1,{L},{E}] top {config.top_k_experts}", lambda: (_rand((1, L, E), 3.0), _rand((E,)) + 1,
-                                                                      config.top_k_experts)
+                                                                      config.top_k_experts, config.hidden_size**-0.5)
 
 
 BENCHES = {

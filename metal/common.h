@@ -15,35 +15,32 @@
 // Lowest score a softmax tracks: finite, so exp(m_old - m_new) never sees (-inf) - (-inf).
 #define GEMMA_NEG_BIG (-3.0e38f)
 
-// Sum of v over a threadgroup of NSG simdgroups; every thread of the group must call it.
-// `buf` holds at least NSG floats of threadgroup memory; the result reaches every thread.
-template <int NSG>
-GEMMA_FN float block_sum(float v, TG_ADDR float* buf, uint lane, uint sg) {
-  v = simd_sum(v);
+// Sum (IS_MAX false) or max of v over a threadgroup of NSG simdgroups; every thread of the
+// group must call it. `buf` holds at least NSG floats of threadgroup memory; the result
+// reaches every thread.
+template <int NSG, bool IS_MAX>
+GEMMA_FN float block_reduce(float v, TG_ADDR float* buf, uint lane, uint sg) {
+  v = IS_MAX ? simd_max(v) : simd_sum(v);
   if (NSG > 1) {
     if (lane == 0) {
       buf[sg] = v;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    v = simd_sum(lane < uint(NSG) ? buf[lane] : 0.0f);
+    float part = lane < uint(NSG) ? buf[lane] : (IS_MAX ? GEMMA_NEG_BIG : 0.0f);
+    v = IS_MAX ? simd_max(part) : simd_sum(part);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
   return v;
 }
 
-// Max of v over a threadgroup of NSG simdgroups; every thread of the group must call it.
+template <int NSG>
+GEMMA_FN float block_sum(float v, TG_ADDR float* buf, uint lane, uint sg) {
+  return block_reduce<NSG, false>(v, buf, lane, sg);
+}
+
 template <int NSG>
 GEMMA_FN float block_max(float v, TG_ADDR float* buf, uint lane, uint sg) {
-  v = simd_max(v);
-  if (NSG > 1) {
-    if (lane == 0) {
-      buf[sg] = v;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    v = simd_max(lane < uint(NSG) ? buf[lane] : GEMMA_NEG_BIG);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-  return v;
+  return block_reduce<NSG, true>(v, buf, lane, sg);
 }
 
 // Round a float32 value through the storage type T and back: where the MLX twin stores an

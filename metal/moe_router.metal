@@ -1,8 +1,10 @@
-// moe_router: the MoE router after its projection, for one token per threadgroup:
+// moe_router: the MoE router after its projection, for one token per threadgroup: the
+// logits times params[0] (the router's hidden_size^-0.5, moved past its linear projection),
 // softmax over the E experts in float32, the top K, renormalised to sum to 1, each times its
 // expert's per_expert_scale (Gemma4TextRouter). Replaces softmax, argpartition, two gathers, a
 // sum, a divide and a multiply in the decode step.
-// In: logits [rows, E] (the router projection's output, contiguous), scale [E].
+// In: logits [rows, E] (the router projection's output, contiguous), scale [E], params float32
+// [logit scale].
 // Out: weights float32 [rows, K], indices uint32 [rows, K], in descending probability.
 // Grid: one threadgroup of TG = E rounded up to 32 threads per row (E <= 1024); thread t owns
 // expert t. Its rank is the number of experts ahead of it (higher probability, or equal with a
@@ -18,7 +20,7 @@
   threadgroup float probs[TG];
 
   bool active = t < uint(E);
-  float logit = active ? static_cast<float>(logits[size_t(row) * E + t]) : GEMMA_NEG_BIG;
+  float logit = active ? static_cast<float>(logits[size_t(row) * E + t]) * params[0] : GEMMA_NEG_BIG;
   float top = block_max<TG / 32>(logit, buf, lane, sg);
   float e = active ? metal::exp(logit - top) : 0.0f;
   float p = e / block_sum<TG / 32>(e, buf, lane, sg);

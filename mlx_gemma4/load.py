@@ -84,7 +84,7 @@ def _check_back_end_can_run(model: Model):
     """MLX's CPU gather_mm multiplies float32 only: unquantized bf16/fp16 experts fail there."""
     if not model.config.enable_moe_block or mx.metal.is_available() or mx.cuda.is_available():
         return
-    experts = model.layers[0].experts.gate_proj
+    experts = model.layers[0].experts.down_proj
     if "scales" not in experts and experts.weight.dtype != mx.float32:
         raise Gemma4Error(
             f"MLX's CPU back end runs unquantized MoE experts only in float32, these are "

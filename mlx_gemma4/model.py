@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
@@ -48,11 +49,6 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
-    """Gemma4RMSNorm(with_scale=False): v_norm and the router's input norm."""
-    return mx.fast.rms_norm(x, None, eps)
 
 
 # Rows (tokens) from which a prompt chunk multiplies dequantized weights on CUDA, by bits. MLX's
@@ -249,16 +245,98 @@ class ExpertRows:
         return ExpertRows(last, min(length, math.ceil(factor * share)))
 
 
-def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array, rows: ExpertRows | None = None) -> mx.array:
+# Routed rows (tokens x k) from which the experts sort their rows by expert first, as mlx-lm's
+# SwitchGLU does: each expert's weights are then read for a run of rows.
+SORT_MIN_ROWS = 64
+
+
+@lru_cache(maxsize=32)
+def _row_indices(shape: tuple[int, ...], rows_per_index: int) -> mx.array:
+    """gather_qmm's lhs indices [*shape] for inputs whose batch rows each serve `rows_per_index`
+    routed slots, as a constant: left out, gather_qmm builds them in the graph on every call
+    (arange, reshape and broadcast nodes), and a decode step is bound by its host cost per node."""
+    return mx.array((np.arange(math.prod(shape), dtype=np.uint32) // rows_per_index).reshape(shape))
+
+
+def gather_product(linear: nn.Module, x: mx.array, indices: mx.array, rows: mx.array | None = None,
+                   sorted_indices: bool = False) -> mx.array:
+    """x [..., M, in] times the experts' weights of a SwitchLinear or QuantizedSwitchLinear
+    (bias-free, as the converter writes them): rows[i] of x's batch with expert indices[i]."""
+    if isinstance(linear, QuantizedSwitchLinear):
+        return mx.gather_qmm(
+            x, linear["weight"], linear["scales"], linear.get("biases"), lhs_indices=rows, rhs_indices=indices,
+            transpose=True, group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+            sorted_indices=sorted_indices,
+        )
+    return mx.gather_mm(x, linear["weight"].swapaxes(-1, -2), rows, indices, sorted_indices=sorted_indices)
+
+
+class Experts(nn.Module):
+    """Gemma4TextExperts: every expert a GELU-gated MLP; each token runs its k routed experts.
+
+    Weights as mlx-lm's SwitchGLU keeps them ([experts, out, in] SwitchLinears, quantized by
+    `nn.quantize`), the gate and up projections fused into one at load (`fuse_projections`).
+    `__call__` returns [..., k, 1, D], the gathered products' own shape, which
+    `moe_norm_residual` reads as it is.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, ops: KernelSet):
+        super().__init__()
+        self.ops = ops
+        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
+        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias=False)
+        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.down_proj.num_experts
+
+    def fuse_projections(self):
+        fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
+
+    def products(self, x: mx.array, indices: mx.array, rows: tuple[mx.array, mx.array] | None = None,
+                 sorted_indices: bool = False) -> mx.array:
+        """down(gelu(gate(x)) * up(x)) of expert indices[i] on x's batch row rows[0][i] (default:
+        row i); rows[1] indexes the hidden rows for the down projection."""
+        up_rows, down_rows = rows or (None, None)
+        if "gate_up_proj" in self:
+            gate_up = gather_product(self.gate_up_proj, x, indices, up_rows, sorted_indices)
+            hidden = self.ops.gelu_gate(gate_up)  # the halves, read in place
+        else:
+            gate = gather_product(self.gate_proj, x, indices, up_rows, sorted_indices)
+            hidden = self.ops.gelu_gate(gate, gather_product(self.up_proj, x, indices, up_rows, sorted_indices))
+        return gather_product(self.down_proj, hidden, indices, down_rows, sorted_indices)
+
+    def __call__(self, x: mx.array, indices: mx.array, rows: ExpertRows | None = None) -> mx.array:
+        """x [B, L, D], indices [B, L, k] -> [B, L, k, 1, D]; `rows`: see grouped_experts."""
+        dtype = x.dtype
+        if runs_on_cpu():
+            x = x.astype(mx.float32)
+        B, L, D = x.shape
+        k = indices.shape[-1]
+        if L > MAX_DECODE_QUERIES and groups_experts_by_block():  # prompt chunks on CUDA
+            out = grouped_experts(self, x, indices, rows)
+        elif indices.size >= SORT_MIN_ROWS:
+            flat = indices.reshape(-1)
+            order = mx.argsort(flat)
+            out = self.products(x.reshape(-1, 1, D)[order // k], flat[order], sorted_indices=True)
+            out = out[mx.argsort(order)].reshape(B, L, k, 1, D)
+        else:  # decode: each token's row of x for each of its k slots, by constant row indices
+            rows_of = (_row_indices(indices.shape, k), _row_indices(indices.shape, 1))
+            out = self.products(x.reshape(B * L, 1, D), indices, rows_of)
+        return out.astype(dtype)
+
+
+def grouped_experts(experts: "Experts", x: mx.array, indices: mx.array, rows: ExpertRows | None = None) -> mx.array:
     """`experts(x, indices)` for a prompt chunk, as one [capacity, D] matrix product per expert.
 
-    x [..., D], indices [..., k] -> [..., k, D]. Each token's copies are grouped by expert into
+    x [..., D], indices [..., k] -> [..., k, 1, D]. Each token's copies are grouped by expert into
     [num_experts, capacity, D], so every expert multiplies a block of rows; SwitchGLU's sorted
     path runs one row at a time on MLX's CUDA back end (26B-A4B shapes, H100: 47 -> 5.3 ms a
     layer at 512 tokens, same bits). The capacity is the busiest expert's count, read on the
     host, unless `rows` sets it (a compiled prompt: no host reads).
     """
-    num_experts, D, k = experts.gate_proj.num_experts, x.shape[-1], indices.shape[-1]
+    num_experts, D, k = experts.num_experts, x.shape[-1], indices.shape[-1]
     flat = indices.reshape(-1)
     bins = num_experts
     if rows is not None:  # the padding's copies go to a bin past the last expert, which no expert reads
@@ -279,28 +357,30 @@ def grouped_experts(experts: SwitchGLU, x: mx.array, indices: mx.array, rows: Ex
     grouped = mx.zeros((bins * capacity, D), dtype=x.dtype)
     grouped[slots] = x.reshape(-1, D)[order // k]
     grouped = grouped[: num_experts * capacity].reshape(num_experts, capacity, D)
-    every = mx.arange(num_experts, dtype=mx.uint32)
-    hidden = experts.activation(experts.up_proj(grouped, every), experts.gate_proj(grouped, every))
-    out = experts.down_proj(hidden, every).reshape(-1, D)[mx.minimum(slots, num_experts * capacity - 1)]
-    return out[mx.argsort(order)].reshape(*indices.shape, D)
+    out = experts.products(grouped, mx.arange(num_experts, dtype=mx.uint32)).reshape(-1, D)
+    out = out[mx.minimum(slots, num_experts * capacity - 1)]
+    return out[mx.argsort(order)].reshape(*indices.shape, 1, D)
 
 
 class Router(nn.Module):
-    """Gemma4TextRouter: softmax over all experts in fp32, top-k, renormalise, per-expert scale."""
+    """Gemma4TextRouter: softmax over all experts in fp32, top-k, renormalise, per-expert scale.
+
+    Its input norm, RMSNorm(x) * scale, comes with the layer's post-attention norm_residual
+    (one launch for every norm of that residual); the hidden_size^-0.5 factor after it is
+    applied to the logits instead (the projection is linear), inside `moe_router`."""
 
     def __init__(self, config: ModelConfig, ops: KernelSet):
         super().__init__()
         self.ops = ops
-        self.eps = config.rms_norm_eps
         self.top_k = config.top_k_experts
         self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = mx.ones((config.hidden_size,))
         self.per_expert_scale = mx.ones((config.num_experts,))
         self.root_size = config.hidden_size**-0.5  # Gemma4TextRouter.scalar_root_size
 
-    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        x = rms_norm_no_scale(x, self.eps) * self.scale * self.root_size
-        return self.ops.moe_router(self.proj(x), self.per_expert_scale, self.top_k)
+    def __call__(self, normed: mx.array) -> tuple[mx.array, mx.array]:
+        """(weights float32, expert indices), k per token, from RMSNorm(x) * scale."""
+        return self.ops.moe_router(self.proj(normed), self.per_expert_scale, self.top_k, self.root_size)
 
 
 class DecoderLayer(nn.Module):
@@ -319,9 +399,7 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         if config.enable_moe_block:
             self.router = Router(config, ops)
-            self.experts = SwitchGLU(
-                hidden, config.moe_intermediate_size, config.num_experts, activation=self._expert_glu
-            )
+            self.experts = Experts(hidden, config.moe_intermediate_size, config.num_experts, ops)
             self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
             self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
@@ -331,9 +409,6 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = Linear(config.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def _expert_glu(self, up: mx.array, gate: mx.array) -> mx.array:
-        return self.ops.gelu_gate(gate, up)  # SwitchGLU passes (up, gate)
-
     def __call__(self, h, normed, mask, rope_offset, next_norm, cache=None, shared_kv=None, per_layer_inputs=None,
                  expert_rows=None):
         """`normed`: input_layernorm(h), computed by the layer before; `per_layer_inputs`: every
@@ -342,21 +417,22 @@ class DecoderLayer(nn.Module):
         # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
         norm_residual = self.ops.norm_residual
         attn, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
-        h, mlp_input = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps,
-                                     self.pre_feedforward_layernorm.weight)
+        if "router" in self:
+            # The router and the experts read the post-attention residual, each through its own norm.
+            next_norms = (self.pre_feedforward_layernorm.weight, self.router.scale,
+                          self.pre_feedforward_layernorm_2.weight)
+            h, mlp_input, router_input, experts_input = norm_residual(
+                attn, self.post_attention_layernorm.weight, h, None, self.eps, next_norms
+            )
+        else:
+            h, mlp_input = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps,
+                                         self.pre_feedforward_layernorm.weight)
 
         residual = h
         m = self.mlp(mlp_input)
         if "router" in self:
-            # The router and the experts read the post-attention residual, not the dense branch's input.
-            weights, indices = self.router(residual)
-            experts_input = self.pre_feedforward_layernorm_2(residual)
-            if residual.shape[1] > MAX_DECODE_QUERIES and groups_experts_by_block():  # prompt chunks on CUDA
-                experts = grouped_experts(self.experts, experts_input, indices, expert_rows)
-            elif runs_on_cpu():
-                experts = self.experts(experts_input.astype(mx.float32), indices).astype(experts_input.dtype)
-            else:
-                experts = self.experts(experts_input, indices)
+            weights, indices = self.router(router_input)
+            experts = self.experts(experts_input, indices, expert_rows)
             # The experts mixed by their weights and normed, plus the normed dense branch, then as below.
             branch_norms = (self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight)
             feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights, *branch_norms)
@@ -434,6 +510,8 @@ class Model(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+            if "experts" in layer:
+                layer.experts.fuse_projections()
         return self
 
     def make_cache(self, left_padding: list[int] | None = None, sliding_headroom: int = DEFAULT_SLIDING_HEADROOM):

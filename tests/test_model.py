@@ -206,24 +206,50 @@ def test_models_wider_than_the_host_bound_limit_keep_projections_apart(checkpoin
     assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_grouped_experts_equal_switch_glu(bits):
+def switch_glu_and_experts(bits: int | None, fused: bool):
+    """mlx-lm's SwitchGLU with Gemma's GELU gate (the reference) and our Experts, same weights."""
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    from mlx_gemma4.kernels import gelu_gate_ref
-    from mlx_gemma4.model import grouped_experts
+    from mlx_gemma4.kernels import TWINS, gelu_gate_ref
+    from mlx_gemma4.model import Experts
 
-    experts = SwitchGLU(64, 32, 16, activation=lambda up, gate: gelu_gate_ref(gate, up))
+    reference = SwitchGLU(64, 32, 16, activation=lambda up, gate: gelu_gate_ref(gate, up))
+    experts = Experts(64, 32, 16, TWINS)
     if bits:
+        nn.quantize(reference, group_size=32, bits=bits)
         nn.quantize(experts, group_size=32, bits=bits)
-    x = mx.random.normal((2, 37, 64), key=mx.random.key(0))
-    # Routing as the router gives it: k distinct experts per token, some experts left idle.
-    indices = mx.argsort(mx.random.uniform(shape=(2, 37, 12), key=mx.random.key(1)), axis=-1)[..., :4]
-    expected = experts(x, indices)
-    out = grouped_experts(experts, x, indices)
-    assert out.shape == expected.shape == (2, 37, 4, 64)
-    assert mx.abs(out - expected).max().item() <= 1e-5
+    experts.update(reference.parameters())
+    if fused:
+        experts.fuse_projections()
+        assert "gate_up_proj" in experts and "gate_proj" not in experts
+    return reference, experts
+
+
+def routed(batch: int, length: int, seed: int = 1) -> mx.array:
+    """Routing as the router gives it: k = 4 distinct experts of 16 per token, some left idle."""
+    return mx.argsort(mx.random.uniform(shape=(batch, length, 12), key=mx.random.key(seed)), axis=-1)[..., :4]
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("batch,length", [(1, 1), (2, 1), (1, 8), (2, 37)])
+def test_experts_equal_switch_glu(bits, fused, batch, length):
+    """Every path of Experts: decode rows by constant row indices, rows sorted by expert (from
+    SORT_MIN_ROWS routed rows), and one block per expert (grouped_experts)."""
+    from mlx_gemma4.model import SORT_MIN_ROWS, grouped_experts
+
+    reference, experts = switch_glu_and_experts(bits, fused)
+    x = mx.random.normal((batch, length, 64), key=mx.random.key(0))
+    indices = routed(batch, length)
+    expected = reference(x, indices)
+    assert expected.shape == (batch, length, 4, 64)
+    out = experts(x, indices)
+    assert out.shape == (batch, length, 4, 1, 64)
+    assert mx.abs(out.squeeze(-2) - expected).max().item() <= 1e-5, ("sorted" if indices.size >= SORT_MIN_ROWS else
+                                                                     "decode")
+    grouped = grouped_experts(experts, x, indices)
+    assert mx.abs(grouped.squeeze(-2) - expected).max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("room", [0, -1])
@@ -231,12 +257,9 @@ def test_grouped_experts_with_a_set_capacity_read_nothing_on_the_host(room):
     """Inside mx.compile (where a host read fails): rows up to `last` get SwitchGLU's output and
     rows past it reach no expert. The capacity is the busiest expert's count over the real rows
     plus `room`; the flag says whether an expert was routed more rows than that."""
-    from mlx_lm.models.switch_layers import SwitchGLU
-
-    from mlx_gemma4.kernels import gelu_gate_ref
     from mlx_gemma4.model import ExpertRows, grouped_experts
 
-    experts = SwitchGLU(64, 32, 16, activation=lambda up, gate: gelu_gate_ref(gate, up))
+    reference, experts = switch_glu_and_experts(None, True)
     x = mx.random.normal((1, 37, 64), key=mx.random.key(0))
     indices = mx.argsort(mx.random.uniform(shape=(1, 30, 16), key=mx.random.key(1)), axis=-1)[..., :4]
     counts = np.bincount(np.array(indices).reshape(-1), minlength=16)
@@ -253,7 +276,7 @@ def test_grouped_experts_with_a_set_capacity_read_nothing_on_the_host(room):
     out, overflowed = mx.compile(grouped)(x, indices, mx.array([29]))
     assert overflowed.item() is (room < 0)
     if room == 0:
-        assert mx.abs(out[:, :30] - experts(x, indices)[:, :30]).max().item() <= 1e-5
+        assert mx.abs(out[:, :30].squeeze(-2) - reference(x, indices)[:, :30]).max().item() <= 1e-5
 
 
 def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpoints):
@@ -300,10 +323,12 @@ def test_quantized_matmuls_take_float32_inputs_on_the_cpu(checkpoints, monkeypat
         projection_inputs.append(x.dtype)
         return qmv_ref(x, *rest)
 
+    def recorded_experts(linear, x, *rest, product=model_module.gather_product, **options):
+        expert_inputs.append(x.dtype)
+        return product(linear, x, *rest, **options)
+
     model.use_kernels(dataclasses.replace(TWINS, quantized_matmul=recorded))
-    for layer in model.layers:
-        experts = layer.experts
-        layer["experts"] = lambda x, indices, experts=experts: expert_inputs.append(x.dtype) or experts(x, indices)
+    monkeypatch.setattr(model_module, "gather_product", recorded_experts)
     prompt = mx.array(checkpoints.prompt("moe", 5, seed=1))
     for on_cpu, inputs in ((True, mx.float32), (False, mx.bfloat16)):
         monkeypatch.setattr(model_module, "runs_on_cpu", lambda: on_cpu)

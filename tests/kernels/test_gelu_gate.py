@@ -23,9 +23,8 @@ def operands(layout, batch, length, width, dtype):
     gate = random((batch, length, width), dtype, scale=2.0, seed=width)
     if layout == "ple columns":  # PLE: the gate output, every layer's inputs [B, L, 5 * P], layer 3's columns
         return gate, random((batch, length, 5 * width), dtype, seed=width + 1), 3 * width
-    if layout == "experts":  # SwitchGLU: [B, L, top_k, I]
-        gate = random((batch, length, 8, width), dtype, scale=2.0, seed=width)
-        return gate, random((batch, length, 8, width), dtype, seed=width + 1)
+    if layout == "experts":  # model.Experts: the gate|up gather's output [B, L, top_k, 1, 2I]
+        return (random((batch, length, 8, 1, 2 * width), dtype, scale=2.0, seed=width),)
     return gate, random((batch, length, width), dtype, seed=width + 1)
 
 

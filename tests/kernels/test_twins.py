@@ -57,6 +57,13 @@ def test_norm_residual_ref():
     expected = (np64(r) + rms(np64(x), np64(w))) * 0.3
     np.testing.assert_allclose(np64(h), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np64(normed), rms(expected, np64(next_w)), rtol=1e-5, atol=1e-5)
+    # A MoE layer's post-attention block: one normed output per next weight, in order.
+    next_ws = tuple(mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(k)) for k in (6, 7, 8))
+    h, *normeds = norm_residual_ref(x, w, r, s, EPS, next_ws)
+    np.testing.assert_allclose(np64(h), expected, rtol=1e-5, atol=1e-6)
+    assert len(normeds) == 3
+    for normed, weight in zip(normeds, next_ws):
+        np.testing.assert_allclose(np64(normed), rms(expected, np64(weight)), rtol=1e-5, atol=1e-5)
 
 
 def test_ple_inputs_ref():
@@ -178,11 +185,12 @@ def test_chosen_full_decode_attention_takes_the_twin_past_its_head_keys():
 
 
 def test_moe_router_ref():
-    """Softmax in float32, the top k by probability, renormalised, times each expert's scale."""
+    """Logits scaled, softmax in float32, the top k by probability, renormalised, times each
+    expert's scale."""
     logits = mx.random.normal((2, 3, 16), key=mx.random.key(16)) * 2
     scale = mx.random.uniform(0.5, 1.5, (16,), key=mx.random.key(17))
-    weights, indices = moe_router_ref(logits, scale, 4)
-    probs = np.exp(np64(logits))
+    weights, indices = moe_router_ref(logits, scale, 4, 0.7)
+    probs = np.exp(np64(logits) * 0.7)
     probs /= probs.sum(-1, keepdims=True)
     top = np.sort(np.argsort(-probs, axis=-1)[..., :4], axis=-1)
     order = np.argsort(np.array(indices), axis=-1)
@@ -195,11 +203,11 @@ def test_moe_router_ref():
 def test_moe_norm_residual_ref():
     """The experts' outputs mixed by their weights, both branches normed and added, then norm_residual."""
     dense, residual = (mx.random.normal((2, 3, 64), key=mx.random.key(k)) for k in (18, 19))
-    experts = mx.random.normal((2, 3, 4, 64), key=mx.random.key(20))
+    experts = mx.random.normal((2, 3, 4, 1, 64), key=mx.random.key(20))  # model.Experts' output
     weights = mx.random.uniform(0.1, 1.0, (2, 3, 4), key=mx.random.key(21))
     w1, w2, w, next_w = (mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(k)) for k in (22, 23, 24, 25))
     h, normed = moe_norm_residual_ref(dense, experts, weights, w1, w2, w, residual, mx.array([0.5]), EPS, next_w)
-    mixed = (np64(experts) * np64(weights)[..., None]).sum(-2)
+    mixed = (np64(experts)[..., 0, :] * np64(weights)[..., None]).sum(-2)
     expected = (np64(residual) + rms(rms(np64(dense), np64(w1)) + rms(mixed, np64(w2)), np64(w))) * 0.5
     np.testing.assert_allclose(np64(h), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np64(normed), rms(expected, np64(next_w)), rtol=1e-5, atol=1e-5)
