@@ -1,18 +1,19 @@
 // norm_residual: out = (residual + RMSNorm(x) * w) * scale, the end of every Gemma 4 decoder
 // sub-block: post-attention norm + residual, post-feedforward norm + residual (times
 // layer_scalar when the layer has no PLE), and the PLE epilogue RMSNorm(per_layer_projection)
-// * w + residual, times layer_scalar. With NEXT > 0 it also writes normed = RMSNorm(out) *
-// next_w, the norm the next sub-block starts with (pre-feedforward, the next layer's input
-// norm, or the final norm), so that norm costs no launch of its own; a MoE layer's
-// post-attention block also writes the router's and the experts' input norms (normed_2 with
-// next_w_2, normed_3 with next_w_3), which read the same out.
-// In: x, residual [..., N] (rows of N = hidden_size), w [N], scale [1], next_w, next_w_2, next_w_3 [N].
-// Out: out like residual; normed, normed_2, normed_3 like residual up to NEXT of them, the rest
-// one unused element each.
+// * w + residual, times layer_scalar. With NEXT_NORMS > 0 it also writes normed =
+// RMSNorm(out) * next_w, the norm the next sub-block starts with (pre-feedforward, the next
+// layer's input norm, or the final norm), so that norm costs no launch of its own; a MoE
+// layer's post-attention block also writes the router's and the experts' input norms
+// (normed_2 with next_w_2, normed_3 with next_w_3), which read the same out.
+// In: x, residual [..., N] (rows of N = hidden_size), w [N], scale [1], then next_w, next_w_2,
+// next_w_3 [N] up to NEXT_NORMS of them, params float32 [eps].
+// Out: out like residual, then normed, normed_2, normed_3 like residual up to NEXT_NORMS.
+// NEXT_NORMS (0-3) is a #define the wrapper puts before the body: the inputs and outputs a
+// build lacks must not be named at all.
 // Grid: one threadgroup of TG threads per row (TG a multiple of 32, TG <= 1024); each thread
 // keeps its PER_THREAD = ceil(N / TG) outputs in registers for the second norm.
-// Templates: T, N, TG, HAS_SCALE, NEXT (0-3). Inputs: x, w, residual, scale, next_w, next_w_2,
-// next_w_3, params float32 [eps]. Rounding follows the twin: normed value, sum and product are
+// Templates: T, N, TG, HAS_SCALE. Rounding follows the twin: normed value, sum and product are
 // each stored in T.
 
 // @kernel norm_residual
@@ -45,32 +46,32 @@
       ss_out += h * h;
     }
   }
-  if (NEXT > 0) {
-    float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + params[0]);
-    for (int k = 0; k < PER_THREAD; k++) {
-      uint i = t + uint(k) * TG;
-      if (i < uint(N)) {
-        float v = kept[k] * r_out;
-        normed[base + i] = static_cast<T>(v * static_cast<float>(next_w[i]));
-        if (NEXT > 1) {
-          normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
-        }
-        if (NEXT > 2) {
-          normed_3[base + i] = static_cast<T>(v * static_cast<float>(next_w_3[i]));
-        }
-      }
+#if NEXT_NORMS > 0
+  float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + params[0]);
+  for (int k = 0; k < PER_THREAD; k++) {
+    uint i = t + uint(k) * TG;
+    if (i < uint(N)) {
+      float v = kept[k] * r_out;
+      normed[base + i] = static_cast<T>(v * static_cast<float>(next_w[i]));
+#if NEXT_NORMS > 1
+      normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
+#endif
+#if NEXT_NORMS > 2
+      normed_3[base + i] = static_cast<T>(v * static_cast<float>(next_w_3[i]));
+#endif
     }
   }
+#endif
 
 // moe_norm_residual: the end of a MoE layer's feed-forward block in one launch. The experts'
 // outputs are summed with their router weights, the dense MLP's output and that sum are each
 // RMS-normed (post_feedforward_layernorm_1 / _2) and added, and the result goes through
 // norm_residual as above (post_feedforward_layernorm, residual, layer_scalar, the next norm).
 // In: dense [rows, N], experts [rows, K, 1, N], weights float32 [rows, K], dense_w, experts_w, w
-// [N], residual [rows, N], scale [1], next_w, next_w_2, next_w_3 [N]. Out: out, normed,
-// normed_2, normed_3 as norm_residual's.
-// Templates: T, N, K, TG, HAS_SCALE, NEXT. Rounding follows the twin: each weighted expert
-// output, their sum, both normed branches and their sum are stored in T.
+// [N], residual [rows, N], scale [1], next weights and params as norm_residual's. Out: as
+// norm_residual's. Templates: T, N, K, TG, HAS_SCALE; NEXT_NORMS as norm_residual's. Rounding
+// follows the twin: each weighted expert output, their sum, both normed branches and their sum
+// are stored in T.
 
 // @kernel moe_norm_residual
   constexpr int PER_THREAD = (N + TG - 1) / TG;
@@ -127,19 +128,19 @@
       ss_out += h * h;
     }
   }
-  if (NEXT > 0) {
-    float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + params[0]);
-    for (int k = 0; k < PER_THREAD; k++) {
-      uint i = t + uint(k) * TG;
-      if (i < uint(N)) {
-        float v = mixed_kept[k] * r_out;
-        normed[base + i] = static_cast<T>(v * static_cast<float>(next_w[i]));
-        if (NEXT > 1) {
-          normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
-        }
-        if (NEXT > 2) {
-          normed_3[base + i] = static_cast<T>(v * static_cast<float>(next_w_3[i]));
-        }
-      }
+#if NEXT_NORMS > 0
+  float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + params[0]);
+  for (int k = 0; k < PER_THREAD; k++) {
+    uint i = t + uint(k) * TG;
+    if (i < uint(N)) {
+      float v = mixed_kept[k] * r_out;
+      normed[base + i] = static_cast<T>(v * static_cast<float>(next_w[i]));
+#if NEXT_NORMS > 1
+      normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
+#endif
+#if NEXT_NORMS > 2
+      normed_3[base + i] = static_cast<T>(v * static_cast<float>(next_w_3[i]));
+#endif
     }
   }
+#endif

@@ -58,20 +58,26 @@ def bodies(name: str) -> dict[str, str]:
 
 
 @functools.cache
-def build(file: str, body: str, inputs: tuple[str, ...], outputs: tuple[str, ...], contiguous: bool = True):
-    """The compiled-on-first-call kernel object for one body of `metal/<file>.metal`."""
-    source = _strip(bodies(file)[body])
+def build(file: str, body: str, inputs: tuple[str, ...], outputs: tuple[str, ...], contiguous: bool = True,
+          defines: tuple[tuple[str, int], ...] = ()):
+    """The compiled-on-first-call kernel object for one body of `metal/<file>.metal`.
+
+    `defines` become `#define NAME VALUE` lines before the body, for parts that name inputs or
+    outputs only some builds declare (`#if NAME ...`); they name the kernel too, since MLX
+    caches compiled kernels by name."""
+    source = "".join(f"#define {key} {value}\n" for key, value in defines) + _strip(bodies(file)[body])
+    name = f"gemma4_{body}" + "".join(f"_{key.lower()}{value}" for key, value in defines)
     backend = gpu_backend()
     if backend == "cuda":
         # The shim goes in `header`, after MLX's own includes, so its macros never reach MLX code.
         header = _strip(_read("cuda_compat.h") + _read("common.h"))
         return mx.fast.cuda_kernel(
-            name=f"gemma4_{body}", input_names=list(inputs), output_names=list(outputs), source=source,
-            header=header, ensure_row_contiguous=contiguous,
+            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header,
+            ensure_row_contiguous=contiguous,
         )
     if backend == "metal":
         return mx.fast.metal_kernel(
-            name=f"gemma4_{body}", input_names=list(inputs), output_names=list(outputs), source=source,
+            name=name, input_names=list(inputs), output_names=list(outputs), source=source,
             header=_strip(_read("common.h")), ensure_row_contiguous=contiguous,
         )
     raise RuntimeError("custom kernels need MLX's Metal or CUDA back end; use the `_ref` twin on CPU")

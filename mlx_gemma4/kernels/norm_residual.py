@@ -37,30 +37,31 @@ def norm_residual_ref(
 
 def _run(body: str, leading: dict[str, mx.array], weight: mx.array, residual: mx.array, scale: mx.array | None,
          eps: float, next_weight: NextWeights, template: list) -> mx.array | tuple[mx.array, ...]:
-    """Launch a body of norm_residual.metal: its `leading` inputs, then w, residual, scale,
-    next_w (up to MAX_NEXT_NORMS) and params; one threadgroup per row of `residual`."""
+    """Launch a body of norm_residual.metal: its `leading` inputs, then w, residual, scale, the
+    next norms' weights (up to MAX_NEXT_NORMS) and params; one threadgroup per row of `residual`."""
     N = residual.shape[-1]
     next_weights = _as_tuple(next_weight)
-    if len(next_weights) > MAX_NEXT_NORMS:
-        raise ValueError(f"norm_residual writes at most {MAX_NEXT_NORMS} next norms, got {len(next_weights)}")
+    count = len(next_weights)
+    if count > MAX_NEXT_NORMS:
+        raise ValueError(f"norm_residual writes at most {MAX_NEXT_NORMS} next norms, got {count}")
+    # Only the next norms asked for are inputs and outputs: each one costs the host time per call.
+    next_inputs = ("next_w", "next_w_2", "next_w_3")[:count]
+    normed = ("normed", "normed_2", "normed_3")[:count]
     kernel = build(
-        "norm_residual", body, (*leading, "w", "residual", "scale", "next_w", "next_w_2", "next_w_3", "params"),
-        ("out", "normed", "normed_2", "normed_3"),
+        "norm_residual", body, (*leading, "w", "residual", "scale", *next_inputs, "params"), ("out", *normed),
+        defines=(("NEXT_NORMS", count),),
     )
     # About 8 elements a thread, whole simdgroups, at most 1024 threads.
     threads = min(1024, max(32, round_up(N // 8, 32)))
-    unused = MAX_NEXT_NORMS - len(next_weights)
     outputs = kernel(
-        inputs=[*leading.values(), weight, residual, weight if scale is None else scale, *next_weights,
-                *[weight] * unused, scalars(eps)],
-        template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None),
-                  ("NEXT", len(next_weights)), *template],
+        inputs=[*leading.values(), weight, residual, weight if scale is None else scale, *next_weights, scalars(eps)],
+        template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None), *template],
         grid=(residual.size // N * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[residual.shape] * (1 + len(next_weights)) + [(1,)] * unused,
-        output_dtypes=[residual.dtype] * (1 + MAX_NEXT_NORMS),
+        output_shapes=[residual.shape] * (1 + count),
+        output_dtypes=[residual.dtype] * (1 + count),
     )
-    return outputs[0] if next_weight is None else tuple(outputs[: 1 + len(next_weights)])
+    return outputs[0] if next_weight is None else tuple(outputs)
 
 
 def norm_residual(

@@ -58,3 +58,37 @@ def test_shim_is_cuda_only_and_bodies_stay_metal():
         text = (ROOT / "metal" / f"{name}.metal").read_text()
         for cuda_only in ("__shared__", "__syncthreads", "threadIdx", "blockIdx", "__device__", "__shfl"):
             assert cuda_only not in text, f"{name}.metal uses CUDA's {cuda_only}: write Metal, the shim maps it"
+
+
+@pytest.mark.parametrize("next_norms", [0, 1, 3])
+def test_norm_residual_declares_only_the_next_norms_asked_for(monkeypatch, next_norms):
+    """Each declared output costs the host time on every call, so a launch declares only the
+    next norms it writes; the body's `#if NEXT_NORMS` parts follow a #define before it, and
+    the define names the kernel (MLX caches compiled kernels by name)."""
+    import mlx.core as mx
+
+    from mlx_gemma4.kernels import _source, norm_residual
+
+    built = []
+
+    def record(**spec):
+        built.append(spec)
+        return lambda inputs, output_shapes, output_dtypes, **launch: [mx.zeros(s, d) for s, d in
+                                                                        zip(output_shapes, output_dtypes)]
+
+    monkeypatch.setattr(_source, "gpu_backend", lambda: "cuda")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", record)
+    _source.build.cache_clear()
+    try:
+        x = mx.ones((1, 2, 64))
+        weights = tuple(mx.ones((64,)) for _ in range(next_norms))
+        out = norm_residual(x, x[0, 0], x, None, 1e-6, weights[0] if next_norms == 1 else (weights or None))
+    finally:
+        _source.build.cache_clear()
+    (spec,) = built
+    assert spec["output_names"] == ["out", "normed", "normed_2", "normed_3"][: 1 + next_norms]
+    assert spec["input_names"] == ["x", "w", "residual", "scale", *["next_w", "next_w_2", "next_w_3"][:next_norms],
+                                   "params"]
+    assert spec["source"].startswith(f"#define NEXT_NORMS {next_norms}\n")
+    assert spec["name"] == f"gemma4_norm_residual_next_norms{next_norms}"
+    assert len(out if next_norms else (out,)) == 1 + next_norms
