@@ -327,7 +327,7 @@ class Experts(nn.Module):
         return out.astype(dtype)
 
 
-def grouped_experts(experts: "Experts", x: mx.array, indices: mx.array, rows: ExpertRows | None = None) -> mx.array:
+def grouped_experts(experts: Experts, x: mx.array, indices: mx.array, rows: ExpertRows | None = None) -> mx.array:
     """`experts(x, indices)` for a prompt chunk, as one [capacity, D] matrix product per expert.
 
     x [..., D], indices [..., k] -> [..., k, 1, D]. Each token's copies are grouped by expert into
@@ -502,9 +502,10 @@ class Model(nn.Module):
                 module.keep_transposed()
 
     def fuse_projections(self) -> "Model":
-        """Fuse each layer's q/k/v and gate/up projections into one matmul each (after loading
-        weights; the checkpoint keeps them apart, so this is done at load time). Models wider
-        than HOST_BOUND_MAX_HIDDEN keep them apart: their unfused matmuls measured faster."""
+        """Fuse each layer's q/k/v and gate/up projections (the MLP's and the experts') into one
+        matmul each (after loading weights; the checkpoint keeps them apart, so this is done at
+        load time). Models wider than HOST_BOUND_MAX_HIDDEN keep them apart: their unfused
+        matmuls measured faster."""
         if self.config.hidden_size > HOST_BOUND_MAX_HIDDEN:
             return self
         for layer in self.layers:
