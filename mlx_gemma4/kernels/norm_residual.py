@@ -2,8 +2,8 @@
 RMSNorm the next sub-block starts with (metal/norm_residual.metal). Ends each decoder
 sub-block: post-attention, post-feedforward, and the PLE epilogue (per_layer_projection output
 normed, added, times layer_scalar). A MoE layer's post-attention block writes three next norms
-(the dense MLP's, the router's and the experts' inputs). `moe_norm_residual` ends a MoE layer's feed-forward block:
-it first mixes the experts' outputs and adds the two normed branches."""
+(the dense MLP's, the router's and the experts' inputs). `moe_norm_residual` ends a MoE layer's
+feed-forward block: it first mixes the experts' outputs and adds the two normed branches."""
 
 from __future__ import annotations
 
