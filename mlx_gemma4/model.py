@@ -417,20 +417,17 @@ class DecoderLayer(nn.Module):
         # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
         norm_residual = self.ops.norm_residual
         attn, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
+        next_norms = (self.pre_feedforward_layernorm.weight,)
         if "router" in self:
             # The router and the experts read the post-attention residual, each through its own norm.
-            next_norms = (self.pre_feedforward_layernorm.weight, self.router.scale,
-                          self.pre_feedforward_layernorm_2.weight)
-            h, mlp_input, router_input, experts_input = norm_residual(
-                attn, self.post_attention_layernorm.weight, h, None, self.eps, next_norms
-            )
-        else:
-            h, mlp_input = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps,
-                                         self.pre_feedforward_layernorm.weight)
+            next_norms += (self.router.scale, self.pre_feedforward_layernorm_2.weight)
+        h, mlp_input, *moe_inputs = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps,
+                                                  next_norms)
 
         residual = h
         m = self.mlp(mlp_input)
         if "router" in self:
+            router_input, experts_input = moe_inputs
             weights, indices = self.router(router_input)
             experts = self.experts(experts_input, indices, expert_rows)
             # The experts mixed by their weights and normed, plus the normed dense branch, then as below.
