@@ -6,8 +6,9 @@
 // so even a 5376-row projection keeps every SM busy. x is read as 16-byte words where T is
 // bfloat16: value-by-value reads of x, 64 bytes apart across a simdgroup's lanes, held an
 // earlier version below MLX's speed in a chain of dependent calls (metal/README.md).
-// Sums in float32: per step, scale * sum(x q) + bias * sum(x), as MLX's own qmv does; each q is
-// read without a shift or an int-to-float conversion (see the inner loop).
+// Sums in float32: per step, scale * sum(x q) + bias * sum(x), as MLX's own qmv does. A 4-bit
+// product is bound by the instructions per weight, so no q is shifted alone or converted from an
+// integer (see the two inner loops).
 // In: x [M, K] (T), w [N, K * BITS / 32] uint32, scales, biases [N, K / GROUP]. Out: [M, N] in T.
 // Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups.
 // Templates: T, M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16); K and N are read from the
@@ -20,6 +21,12 @@
   const int WORDS = K * BITS / 32;
   const int GROUPS = K / GROUP;
   constexpr uint MASK = (1u << BITS) - 1u;
+  // 16-bit outputs take the paired loop, whose error (about 2^-16 of the output at 4 bits, 2^-14
+  // at 8) is far under their rounding; float32 outputs keep the exact loop.
+  constexpr bool PAIRED = sizeof(T) == 2;
+  // 0 at run time, unknown to the compiler: with the constant in a register, the paired loop's
+  // mask-and-OR is one LOP3 (with two immediates it takes two instructions).
+  const uint one_bits = 0x3F800000u | (uint(x_ndim) >> 16);
   const uint lane = thread_index_in_simdgroup;
   const uint group_simd = simdgroup_index_in_threadgroup;
   const int first = int(threadgroup_position_in_grid.x) * RPS;
@@ -47,11 +54,6 @@
       bias[r] = static_cast<float>(biases[rows[r] * GROUPS + k0 / GROUP]);
     }
     for (int m = 0; m < M; m++) {
-      float x_sum = 0.0f;
-      float dot[RPS];
-      for (int r = 0; r < RPS; r++) {
-        dot[r] = 0.0f;
-      }
       // This lane's VPT values of x, read as 16-byte words where T is bfloat16 (a bfloat16 is
       // the high half of a float); value by value for other types.
       float xs[VPT];
@@ -69,20 +71,58 @@
           xs[j] = static_cast<float>(x[m * K + k0 + j]);
         }
       }
-      for (int j = 0; j < VPT; j++) {
-        float xj = xs[j];
-        x_sum += xj;
-        // Value j sits in 16-bit half `high` of its word, at place `place` there. Masked in place,
-        // it reads q * 2^(place * BITS); x scaled by the inverse power of two (exact) undoes it.
-        const int place = j % (16 / BITS);
-        const bool high = (j * BITS / 16) % 2 == 1;
-        const float x_placed = xj * (1.0f / float(1u << (place * BITS)));
+      float x_sum = 0.0f;
+      float dot[RPS];
+      if (PAIRED) {
+        // One shift puts values 2 * pair and 2 * pair + 1 of a word at mantissa bits LO.. and LO + BITS.. of
+        // 1.0f, where a LOP3 each makes them floats 1 + q * 2^(bit - 23): sum x times those, take
+        // away the sum of x and scale back. Per value: half a shift, a LOP3 and an FMA.
+        constexpr int LO = 23 - 2 * BITS;
+        float x_even = 0.0f;
+        float x_odd = 0.0f;
+        float sum_lo[RPS];
+        float sum_hi[RPS];
         for (int r = 0; r < RPS; r++) {
-          uint half_word = high ? (words[r][j * BITS / 32] >> 16) : words[r][j * BITS / 32];
-          // OR-ing 0x4B000000 makes the float 2^23 + v: one logic op and a subtract instead of
-          // a shift and an int-to-float conversion, which runs at a fraction of the FMA rate.
-          uint v = (half_word & (MASK << (place * BITS))) | 0x4B000000u;
-          dot[r] += x_placed * (as_type<float>(v) - 8388608.0f);
+          sum_lo[r] = 0.0f;
+          sum_hi[r] = 0.0f;
+        }
+        for (int word = 0; word < 4; word++) {
+          for (int pair = 0; pair < 16 / BITS; pair++) {
+            const int j = word * (32 / BITS) + 2 * pair;
+            const int shift = LO - 2 * pair * BITS;
+            x_even += xs[j];
+            x_odd += xs[j + 1];
+            for (int r = 0; r < RPS; r++) {
+              const uint placed = shift >= 0 ? (words[r][word] << shift) : (words[r][word] >> (-shift));
+              sum_lo[r] += xs[j] * as_type<float>((placed & (MASK << LO)) | one_bits);
+              sum_hi[r] += xs[j + 1] * as_type<float>((placed & (MASK << (LO + BITS))) | one_bits);
+            }
+          }
+        }
+        x_sum = x_even + x_odd;
+        for (int r = 0; r < RPS; r++) {
+          dot[r] = (sum_lo[r] - x_even) * float(1u << (23 - LO))
+              + (sum_hi[r] - x_odd) * float(1u << (23 - LO - BITS));
+        }
+      } else {
+        for (int r = 0; r < RPS; r++) {
+          dot[r] = 0.0f;
+        }
+        for (int j = 0; j < VPT; j++) {
+          float xj = xs[j];
+          x_sum += xj;
+          // Value j sits in 16-bit half `high` of its word, at place `place` there. Masked in place,
+          // it reads q * 2^(place * BITS); x scaled by the inverse power of two (exact) undoes it.
+          const int place = j % (16 / BITS);
+          const bool high = (j * BITS / 16) % 2 == 1;
+          const float x_placed = xj * (1.0f / float(1u << (place * BITS)));
+          for (int r = 0; r < RPS; r++) {
+            uint half_word = high ? (words[r][j * BITS / 32] >> 16) : words[r][j * BITS / 32];
+            // OR-ing 0x4B000000 makes the float 2^23 + v: a mask, an OR and a subtract instead of
+            // a shift and an int-to-float conversion, which runs at a fraction of the FMA rate.
+            uint v = (half_word & (MASK << (place * BITS))) | 0x4B000000u;
+            dot[r] += x_placed * (as_type<float>(v) - 8388608.0f);
+          }
         }
       }
       for (int r = 0; r < RPS; r++) {
