@@ -22,9 +22,9 @@ from .rope import LayerRoPE
 
 # Decode of models up to this width is bound by per-operation host overhead, so fewer, larger
 # operations win: the compiled step (1.3-2x on E2B, E4B, 26B-A4B, H100) and fused projections.
-# The 31B (hidden 5376, 4-bit) is bound by its long matmuls instead: there fused projections
-# measured 41 vs 44 tok/s unfused, and the compiled step pays only once the qmv kernel makes
-# the matmuls faster (38.2 vs 40.5 tok/s plain with MLX's, 57.8 with qmv; Model.compiles_decode).
+# The 31B (hidden 5376, 4-bit) is bound by its long matmuls as well: the compiled step pays only
+# once the qmv kernel makes them faster (38.2 vs 40.5 tok/s plain with MLX's qmv, 57.8 with ours;
+# Model.compiles_decode), and so do fused projections (plain, MLX's qmv: 41 vs 44 tok/s unfused).
 HOST_BOUND_MAX_HIDDEN = 4096
 
 # Bytes that prefill's queued layers may allocate before the host waits for the device. Waiting
@@ -501,9 +501,9 @@ class Model(nn.Module):
     def fuse_projections(self) -> "Model":
         """Fuse each layer's q/k/v and gate/up projections (the MLP's and the experts') into one
         matmul each (after loading weights; the checkpoint keeps them apart, so this is done at
-        load time). Models wider than HOST_BOUND_MAX_HIDDEN keep them apart: their unfused
-        matmuls measured faster."""
-        if self.config.hidden_size > HOST_BOUND_MAX_HIDDEN:
+        load time), where decode runs compiled: a wider model's plain decode measured its unfused
+        matmuls faster."""
+        if not self.compiles_decode():
             return self
         for layer in self.layers:
             layer.self_attn.fuse_projections()

@@ -191,19 +191,31 @@ def test_projections_of_different_quantization_stay_apart():
     assert "gate_proj" not in parent and mx.array_equal(parent.gate_up_proj(x), expected)
 
 
-def test_models_wider_than_the_host_bound_limit_keep_projections_apart(checkpoints):
+def test_projections_fuse_where_decode_runs_compiled(checkpoints):
+    """Up to the host-bound width, and wider where quantized projections take the qmv kernel."""
     import dataclasses
 
+    from mlx_gemma4.kernels import TWINS, qmv_ref
     from mlx_gemma4.model import HOST_BOUND_MAX_HIDDEN
 
+    def fused(model) -> bool:
+        model.fuse_projections()
+        attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+        assert ("qkv_proj" in attention) == ("gate_up_proj" in mlp) != ("q_proj" in attention)
+        return "qkv_proj" in attention
+
     model = separate_projections_model(checkpoints.converted("moe", "float32", None))
-    config = model.config
-    model.config = dataclasses.replace(config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
-    model.fuse_projections()
-    assert "q_proj" in model.layers[0].self_attn and "gate_proj" in model.layers[0].mlp
-    model.config = config
-    model.fuse_projections()
-    assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
+    wide = dataclasses.replace(model.config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
+    narrow, model.config = model.config, wide
+    assert not fused(model)
+    model.config = narrow
+    assert fused(model)
+    quantized = separate_projections_model(checkpoints.converted("ple_shared", "float32", 4))
+    quantized.config = dataclasses.replace(quantized.config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)
+    quantized.use_kernels(TWINS)  # MLX's qmv: plain decode, projections apart
+    assert not fused(quantized)
+    quantized.use_kernels(dataclasses.replace(TWINS, quantized_matmul=lambda *args: qmv_ref(*args)))
+    assert fused(quantized)
 
 
 def switch_glu_and_experts(bits: int | None, fused: bool):
