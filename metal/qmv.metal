@@ -74,9 +74,10 @@
       float x_sum = 0.0f;
       float dot[RPS];
       if (PAIRED) {
-        // One shift puts values 2 * pair and 2 * pair + 1 of a word at mantissa bits LO.. and LO + BITS.. of
-        // 1.0f, where a LOP3 each makes them floats 1 + q * 2^(bit - 23): sum x times those, take
-        // away the sum of x and scale back. Per value: half a shift, a LOP3 and an FMA.
+        // One shift puts values 2 * pair and 2 * pair + 1 of a word at mantissa bits LO.. and
+        // LO + BITS.. of 1.0f, where a LOP3 each makes them floats 1 + q * 2^(bit - 23): sum x
+        // times those, take away the sum of x and scale back. Per value: half a shift, a LOP3 and
+        // an FMA.
         constexpr int LO = 23 - 2 * BITS;
         float x_even = 0.0f;
         float x_odd = 0.0f;
