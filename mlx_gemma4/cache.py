@@ -261,8 +261,8 @@ class StepView:
     """A cache as one compiled single-token step sees it.
 
     Buffers keep a fixed shape and the position is an array, so one traced graph serves every
-    step: the new K/V go in with `slice_update` at the array position, and the mask is computed
-    from it. The slot layout is the caches' own, so results are written straight back.
+    step: the new K/V are scattered in at the array position, and the mask is computed from it.
+    The slot layout is the caches' own, so results are written straight back.
     """
 
     def __init__(self, cache: _PaddedCache, keys: mx.array, values: mx.array, position: mx.array, lowest: mx.array):
@@ -295,8 +295,12 @@ class StepView:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         slot = self.position if self.capacity is None else mx.remainder(self.position, self.capacity)
-        self.keys = mx.slice_update(self.keys, keys, slot, axes=(2,))
-        self.values = mx.slice_update(self.values, values, slot, axes=(2,))
+        # A scatter, not `slice_update`: MLX's CUDA slice update at an array position runs a thread
+        # for every element of the buffer (about 35 us a write on the 31B's rings, 4 ms a step on an
+        # H100), the scatter one for each element written (6 us).
+        slot = slot.reshape(1, 1, 1, 1)
+        self.keys = mx.put_along_axis(self.keys, slot, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, slot, values, axis=2)
         return self.keys, self.values
 
 
