@@ -149,7 +149,9 @@ def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, 
     assert [c.offset for c in compiled] == [c.offset for c in plain] == [length] * len(plain)
     for ours, theirs in zip(compiled, plain):
         for a, b in zip(ours.state, theirs.state):
-            assert a.shape == b.shape and mx.abs(a - b).max().item() <= 1e-5
+            # 1e-4 as for the logits: a GPU's GEMM over a padded bucket of rows sums in another
+            # order than over the prompt's (H100, p=200: 2.8e-5 on K/V of magnitude 2).
+            assert a.shape == b.shape and mx.abs(a - b).max().item() <= 1e-4
     follow = mx.array([[5, 6, 7]])
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
 
