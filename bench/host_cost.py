@@ -63,17 +63,18 @@ def chains(nodes: int) -> dict:
             v = kernels.gelu_gate(v, v)
         return v
 
-    def slice_update(v):
-        # A cache write at an array position, then a read of the written row (two nodes a link).
+    def cache_write(v):
+        # A cache write at an array position as decode does it (cache.StepView), then a read of
+        # the written row (two nodes a link).
         position = mx.array([3], mx.int32)
         buf = buffer
         for _ in range(nodes // 2):
-            buf = mx.slice_update(buf, v[:, None], position, axes=(2,))
+            buf = mx.put_along_axis(buf, position.reshape(1, 1, 1, 1), v[:, None], axis=2)
             v = mx.take(buf, position, axis=2)[:, 0] * 0.5
         return v
 
     kinds = {"matmul": matmul, "quantized_matmul": quantized_matmul, "qmv kernel": qmv_kernel,
-             "rms_norm": rms_norm, "custom kernel": custom_kernel, "slice_update + take": slice_update}
+             "rms_norm": rms_norm, "custom kernel": custom_kernel, "cache write + take": cache_write}
     if kernels.gpu_backend() is None:  # custom kernels need MLX's Metal or CUDA back end
         kinds = {name: fn for name, fn in kinds.items() if fn not in (qmv_kernel, custom_kernel)}
     return {name: (mx.compile(fn), x) for name, fn in kinds.items()}
