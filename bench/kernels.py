@@ -27,8 +27,9 @@ import mlx.core as mx  # noqa: E402
 from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM  # noqa: E402
 from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
-    decode_attention, decode_attention_ref, gelu_gate, gelu_gate_ref, moe_norm_residual, moe_norm_residual_ref,
-    moe_router, moe_router_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref, qmv, qmv_ref, rope_norm, rope_norm_ref,
+    decode_attention, decode_attention_ref, gated_qmv, gated_qmv_ref, gelu_gate, gelu_gate_ref, moe_norm_residual,
+    moe_norm_residual_ref, moe_router, moe_router_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
+    qmv, qmv_ref, rope_norm, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE  # noqa: E402
 
@@ -122,6 +123,21 @@ def bench_qmv(config, phase):
         yield f"{label} {bits}-bit [{K}]x[{N},{K}]", make
 
 
+def bench_gated_qmv(config, phase):
+    if phase != "decode":
+        return  # decode only; prompt chunks take gelu_gate and the projection's own product
+    I, hidden = _layer(config, "sliding_attention").intermediate_size, config.hidden_size
+    cases = [("down", I, hidden, 16), ("down", I, hidden, 4)]
+    if config.hidden_size_per_layer_input:
+        cases.append(("PLE projection", config.hidden_size_per_layer_input, hidden, 16))
+    for label, K, N, bits in cases:
+        weight = lambda: _rand((N, K), 0.02)  # noqa: E731,B023
+        operands = (lambda: (weight(), None, None, 64, 16)) if bits == 16 else (  # noqa: E731
+            lambda: (*mx.quantize(weight(), group_size=64, bits=bits), 64, bits))  # noqa: B023
+        make = lambda: (_rand((1, 1, 2 * K)), None, 0, *operands())  # noqa: E731,B023
+        yield f"{label} {bits}-bit gate|up [{2 * K}]x[{N},{K}]", make
+
+
 def bench_moe_norm_residual(config, phase):
     if not config.enable_moe_block:
         return
@@ -147,6 +163,7 @@ BENCHES = {
     "gelu_gate": (bench_gelu_gate, gelu_gate, gelu_gate_ref),
     "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
     "qmv": (bench_qmv, qmv, qmv_ref),
+    "gated_qmv": (bench_gated_qmv, gated_qmv, gated_qmv_ref),
     "moe_router": (bench_moe_router, moe_router, moe_router_ref),
     "moe_norm_residual": (bench_moe_norm_residual, moe_norm_residual, moe_norm_residual_ref),
 }

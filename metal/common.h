@@ -49,3 +49,33 @@ template <typename T>
 GEMMA_FN float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
+
+#ifndef THREAD_ADDR
+#define THREAD_ADDR thread
+#endif
+
+// gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+GEMMA_FN float gelu_tanh(float x) {
+  float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.0f + metal::precise::tanh(inner));
+}
+
+// N consecutive values of T at `src` as floats: as 16-byte words where BF16 (T is bfloat16, the
+// high half of a float; `src` 16-byte aligned), value by value otherwise.
+template <typename T, int N, bool BF16>
+GEMMA_FN void load_floats(const DEV_ADDR T* src, THREAD_ADDR float* dst) {
+  if (BF16) {
+    for (int q = 0; q < N / 8; q++) {
+      uint4 raw = *((const DEV_ADDR uint4*)(src) + q);
+      uint parts[4] = {raw.x, raw.y, raw.z, raw.w};
+      for (int p = 0; p < 4; p++) {
+        dst[q * 8 + 2 * p] = as_type<float>(parts[p] << 16);
+        dst[q * 8 + 2 * p + 1] = as_type<float>(parts[p] & 0xFFFF0000u);
+      }
+    }
+  } else {
+    for (int j = 0; j < N; j++) {
+      dst[j] = static_cast<float>(src[j]);
+    }
+  }
+}

@@ -8,9 +8,10 @@ typedef unsigned int uint;
 
 // Address spaces. Metal qualifies pointers (`device T*`, `threadgroup float*`); CUDA qualifies
 // only declarations (`__shared__ float buf[32]`), so helper-function pointer parameters use
-// TG_ADDR / DEV_ADDR, which are empty here and the Metal qualifier in common.h.
+// TG_ADDR / DEV_ADDR / THREAD_ADDR, which are empty here and the Metal qualifier in common.h.
 #define TG_ADDR
 #define DEV_ADDR
+#define THREAD_ADDR
 #define threadgroup __shared__
 #define device
 #define constant

@@ -25,8 +25,5 @@
     gate_at += int64_t(index) * gate_strides[axis];
     up_at += int64_t(index) * up_strides[axis];
   }
-  float x = static_cast<float>(gate[gate_at + col]);
-  // gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-  float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  float gelu = 0.5f * x * (1.0f + metal::precise::tanh(inner));
+  float gelu = gelu_tanh(static_cast<float>(gate[gate_at + col]));
   out[size_t(row) * N + col] = static_cast<T>(gelu * static_cast<float>(up[up_at + up_column[0] + col]));

@@ -1,6 +1,9 @@
 // qmv: out = x @ dequantize(w).T for a few rows of x (decode, MAX_DECODE_QUERIES at most), with
 // MLX's affine quantization: each row of w packs K BITS-bit values low bits first into uint32
 // words, and value q of group g (GROUP values along K) stands for scales[n, g] * q + biases[n, g].
+// BITS 16: w holds the values themselves, [N, K] of a 16-bit float type WT (scales and biases
+// unread): MLX's bf16 matrix-vector product is one launch too, so it takes this path only where
+// the kernel saves a launch (GATED).
 // A threadgroup owns RPS rows; its SIMDS simdgroups split K between them (interleaved 16-byte
 // loads per lane, VPT values all in one group) and add their sums through threadgroup memory,
 // so even a 5376-row projection keeps every SM busy. x is read as 16-byte words where T is
@@ -9,18 +12,29 @@
 // Sums in float32: per step, scale * sum(x q) + bias * sum(x), as MLX's own qmv does. A 4-bit
 // product is bound by the instructions per weight, so no q is shifted alone or converted from an
 // integer (see the two inner loops).
-// In: x [M, K] (T), w [N, K * BITS / 32] uint32, scales, biases [N, K / GROUP]. Out: [M, N] in T.
+// GATED (a define): x is gelu_tanh(gate) * up, rounded to T as gelu_gate's output is, made as it
+// is loaded: the MLP's down projection reads the gate|up halves of one array, the PLE projection
+// the gate and its layer's columns of the per-layer inputs, with no gelu_gate launch between.
+// In: x [M, x columns] (T; GATED: the gate, its first K columns), GATED: up [M, up columns] and
+// up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
+// biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
+// Out: [M, N] in T.
 // Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups.
-// Templates: T, M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16); K and N are read from the
-// shapes, so one build serves every projection of a model.
+// Templates: T, WT (w's type), M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16), W_BF16 (WT is
+// bfloat16); K and N are read from the shapes, so one build serves every projection of a model.
 
 // @kernel qmv
   constexpr int VPT = 128 / BITS;
-  const int K = int(x_shape[x_ndim - 1]);
+  constexpr bool DENSE = BITS == 16;
+  constexpr int QBITS = DENSE ? 4 : BITS;  // the quantized loops' width (compiled, unrun, where DENSE)
+  const int K = DENSE ? int(w_shape[1]) : int(w_shape[1]) * 32 / BITS;
   const int N = int(w_shape[0]);
-  const int WORDS = K * BITS / 32;
-  const int GROUPS = K / GROUP;
-  constexpr uint MASK = (1u << BITS) - 1u;
+  const int GROUPS = DENSE ? 1 : K / GROUP;
+  const int x_row = int(x_shape[x_ndim - 1]);
+#if GATED
+  const int up_row = int(up_shape[up_ndim - 1]);
+#endif
+  constexpr uint MASK = (1u << QBITS) - 1u;
   // 16-bit outputs take the paired loop, whose error (about 2^-16 of the output at 4 bits, 2^-14
   // at 8) is far under their rounding; float32 outputs keep the exact loop.
   constexpr bool PAIRED = sizeof(T) == 2;
@@ -44,8 +58,13 @@
     uint words[RPS][4];
     float scale[RPS];
     float bias[RPS];
+    float dense[RPS][VPT];
     for (int r = 0; r < RPS; r++) {
-      uint4 packed = *((const device uint4*)(w + size_t(rows[r]) * WORDS + k0 * BITS / 32));
+      if (DENSE) {
+        load_floats<WT, VPT, W_BF16>(w + size_t(rows[r]) * K + k0, dense[r]);
+        continue;
+      }
+      uint4 packed = *((const device uint4*)(w + (size_t(rows[r]) * K + k0) * BITS / 32));
       words[r][0] = packed.x;
       words[r][1] = packed.y;
       words[r][2] = packed.z;
@@ -54,31 +73,35 @@
       bias[r] = static_cast<float>(biases[rows[r] * GROUPS + k0 / GROUP]);
     }
     for (int m = 0; m < M; m++) {
-      // This lane's VPT values of x, read as 16-byte words where T is bfloat16 (a bfloat16 is
-      // the high half of a float); value by value for other types.
       float xs[VPT];
-      if (X_BF16) {
-        for (int q = 0; q < VPT / 8; q++) {
-          uint4 raw = *((const device uint4*)(x + m * K + k0) + q);
-          uint parts[4] = {raw.x, raw.y, raw.z, raw.w};
-          for (int p = 0; p < 4; p++) {
-            xs[q * 8 + 2 * p] = as_type<float>(parts[p] << 16);
-            xs[q * 8 + 2 * p + 1] = as_type<float>(parts[p] & 0xFFFF0000u);
-          }
-        }
-      } else {
-        for (int j = 0; j < VPT; j++) {
-          xs[j] = static_cast<float>(x[m * K + k0 + j]);
-        }
+      load_floats<T, VPT, X_BF16>(x + m * x_row + k0, xs);
+#if GATED
+      float ups[VPT];
+      load_floats<T, VPT, X_BF16>(up + m * up_row + up_column[0] + k0, ups);
+      for (int j = 0; j < VPT; j++) {
+        xs[j] = round_to<T>(gelu_tanh(xs[j]) * ups[j]);
       }
+#endif
       float x_sum = 0.0f;
       float dot[RPS];
+      if (DENSE) {
+        for (int r = 0; r < RPS; r++) {
+          dot[r] = 0.0f;
+          for (int j = 0; j < VPT; j++) {
+            dot[r] += xs[j] * dense[r][j];
+          }
+        }
+        for (int r = 0; r < RPS; r++) {
+          acc[r][m] += dot[r];
+        }
+        continue;
+      }
       if (PAIRED) {
         // One shift puts values 2 * pair and 2 * pair + 1 of a word at mantissa bits LO.. and
         // LO + BITS.. of 1.0f, where a LOP3 each makes them floats 1 + q * 2^(bit - 23): sum x
         // times those, take away the sum of x and scale back. Per value: half a shift, a LOP3 and
         // an FMA.
-        constexpr int LO = 23 - 2 * BITS;
+        constexpr int LO = 23 - 2 * QBITS;
         float x_even = 0.0f;
         float x_odd = 0.0f;
         float sum_lo[RPS];
@@ -88,22 +111,22 @@
           sum_hi[r] = 0.0f;
         }
         for (int word = 0; word < 4; word++) {
-          for (int pair = 0; pair < 16 / BITS; pair++) {
-            const int j = word * (32 / BITS) + 2 * pair;
-            const int shift = LO - 2 * pair * BITS;
+          for (int pair = 0; pair < 16 / QBITS; pair++) {
+            const int j = word * (32 / QBITS) + 2 * pair;
+            const int shift = LO - 2 * pair * QBITS;
             x_even += xs[j];
             x_odd += xs[j + 1];
             for (int r = 0; r < RPS; r++) {
               const uint placed = shift >= 0 ? (words[r][word] << shift) : (words[r][word] >> (-shift));
               sum_lo[r] += xs[j] * as_type<float>((placed & (MASK << LO)) | one_bits);
-              sum_hi[r] += xs[j + 1] * as_type<float>((placed & (MASK << (LO + BITS))) | one_bits);
+              sum_hi[r] += xs[j + 1] * as_type<float>((placed & (MASK << (LO + QBITS))) | one_bits);
             }
           }
         }
         x_sum = x_even + x_odd;
         for (int r = 0; r < RPS; r++) {
           dot[r] = (sum_lo[r] - x_even) * float(1u << (23 - LO))
-              + (sum_hi[r] - x_odd) * float(1u << (23 - LO - BITS));
+              + (sum_hi[r] - x_odd) * float(1u << (23 - LO - QBITS));
         }
       } else {
         for (int r = 0; r < RPS; r++) {
@@ -114,14 +137,14 @@
           x_sum += xj;
           // Value j sits in 16-bit half `high` of its word, at place `place` there. Masked in place,
           // it reads q * 2^(place * BITS); x scaled by the inverse power of two (exact) undoes it.
-          const int place = j % (16 / BITS);
-          const bool high = (j * BITS / 16) % 2 == 1;
-          const float x_placed = xj * (1.0f / float(1u << (place * BITS)));
+          const int place = j % (16 / QBITS);
+          const bool high = (j * QBITS / 16) % 2 == 1;
+          const float x_placed = xj * (1.0f / float(1u << (place * QBITS)));
           for (int r = 0; r < RPS; r++) {
-            uint half_word = high ? (words[r][j * BITS / 32] >> 16) : words[r][j * BITS / 32];
+            uint half_word = high ? (words[r][j * QBITS / 32] >> 16) : words[r][j * QBITS / 32];
             // OR-ing 0x4B000000 makes the float 2^23 + v: a mask, an OR and a subtract instead of
             // a shift and an int-to-float conversion, which runs at a fraction of the FMA rate.
-            uint v = (half_word & (MASK << (place * BITS))) | 0x4B000000u;
+            uint v = (half_word & (MASK << (place * QBITS))) | 0x4B000000u;
             dot[r] += x_placed * (as_type<float>(v) - 8388608.0f);
           }
         }

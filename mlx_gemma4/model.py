@@ -17,7 +17,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
-from .kernels import MAX_DECODE_QUERIES, KernelSet, qmv_ref, select_kernels
+from .kernels import MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_ref, select_kernels
 from .rope import LayerRoPE
 
 # Decode of models up to this width is bound by per-operation host overhead, so fewer, larger
@@ -121,6 +121,28 @@ class QuantizedLinear(nn.QuantizedLinear):
         return quantized_product(self.ops, self, x)
 
 
+def gated_projection(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None = None,
+                     up_offset: int = 0) -> mx.array:
+    """linear(ops.gelu_gate(gate, up, up_offset)): in one launch at decode where the kernel set
+    has gated_qmv, as a decode step is bound by its host cost per graph node."""
+    operands = _projection_operands(linear) if ops.gated_qmv else None
+    if operands and gated_qmv_supports(gate, up, up_offset, *operands):
+        return ops.gated_qmv(gate, up, up_offset, *operands)
+    return linear(ops.gelu_gate(gate, up, up_offset))
+
+
+def _projection_operands(linear: nn.Module) -> tuple | None:
+    """gated_qmv's (w, scales, biases, group_size, bits) for a bias-free Linear or affine
+    QuantizedLinear (what the converter writes); None for other layers."""
+    if "bias" in linear:
+        return None
+    if isinstance(linear, nn.QuantizedLinear):
+        if linear.mode != "affine":
+            return None
+        return linear["weight"], linear["scales"], linear["biases"], linear.group_size, linear.bits
+    return linear["weight"], None, None, 0, 0
+
+
 def fuse_linears(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
     """Replace the bias-free linears `names` of `parent` by one whose outputs are theirs, in order.
 
@@ -209,8 +231,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            return self.down_proj(self.ops.gelu_gate(self.gate_up_proj(x)))  # the halves, read in place
-        return self.down_proj(self.ops.gelu_gate(self.gate_proj(x), self.up_proj(x)))
+            return gated_projection(self.ops, self.down_proj, self.gate_up_proj(x))  # the halves, read in place
+        return gated_projection(self.ops, self.down_proj, self.gate_proj(x), self.up_proj(x))
 
     def fuse_projections(self):
         fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
@@ -441,8 +463,8 @@ class DecoderLayer(nn.Module):
             return *feed_forward_end(self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
                                      next_norm), kv
         h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
-        gate = self.ops.gelu_gate(self.per_layer_input_gate(h), per_layer_inputs, self.ple_column)
-        projected = self.per_layer_projection(gate)
+        projected = gated_projection(self.ops, self.per_layer_projection, self.per_layer_input_gate(h),
+                                     per_layer_inputs, self.ple_column)
         return *norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
                               next_norm), kv
 

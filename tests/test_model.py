@@ -320,6 +320,37 @@ def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpo
     assert len(shapes) >= len(quantized)
 
 
+@pytest.mark.parametrize("quantize_bits", [None, 4])
+def test_decode_gated_projections_take_the_kernel_sets_gated_qmv(checkpoints, quantize_bits):
+    """At decode, the MLP's down projection and the PLE projection take `ops.gated_qmv` (gelu_gate
+    and the product in one launch) with their dense or quantized weights, prompt chunks keep the
+    two ops, and the tokens stay those of the plain path."""
+    import dataclasses
+
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS, gated_qmv_ref
+
+    model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
+    prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    calls = []
+
+    def counted(gate, up, up_offset, w, scales, *rest):
+        calls.append((gate.shape[1], w.shape[0], up_offset, up is None, scales is None))
+        return gated_qmv_ref(gate, up, up_offset, w, scales, *rest)
+
+    model.use_kernels(dataclasses.replace(TWINS, gated_qmv=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    config = model.config
+    ple = config.hidden_size_per_layer_input
+    assert {rows for rows, *_ in calls} == {1}
+    downs = [call for call in calls if call[3]]  # the gate|up halves of one array
+    assert {dense for *_, dense in downs} == {quantize_bits is None}
+    # Each layer's PLE projection reads its own columns, and every step runs every layer's two.
+    assert {offset for _, _, offset, halves, _ in calls if not halves} == {i * ple for i in range(len(model.layers))}
+    assert len(calls) == 2 * len(downs) and len(downs) % len(model.layers) == 0 and len(downs) >= 2 * len(model.layers)
+
+
 def test_quantized_matmuls_take_float32_inputs_on_the_cpu(checkpoints, monkeypatch):
     """On MLX's CPU back end a bfloat16 model hands its quantized projections, tied head and
     experts float32 inputs (8x faster there) and keeps its dtype; elsewhere they take bfloat16."""

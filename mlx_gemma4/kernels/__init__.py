@@ -17,7 +17,7 @@ from .gelu_gate import gelu_gate, gelu_gate_ref
 from .moe_router import moe_router, moe_router_ref
 from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
-from .qmv import qmv, qmv_ref, qmv_supports
+from .qmv import gated_qmv, gated_qmv_ref, gated_qmv_supports, qmv, qmv_ref, qmv_supports
 from .rope_norm import rope_norm, rope_norm_ref
 
 
@@ -36,6 +36,9 @@ class KernelSet:
     moe_router: Callable  # softmax, top k, renormalise and per-expert scale of the router's logits
     moe_norm_residual: Callable  # the end of a MoE feed-forward block: experts mixed, branches normed, norm_residual
     uses_kernels: bool
+    # gelu_gate and the projection after it in one launch at decode (model.gated_projection);
+    # None: the projection's own op after gelu_gate
+    gated_qmv: Callable | None = None
 
 
 PROMPT_ROWS = 32  # rows of a call from which gelu_gate's kernel beats its compiled twin
@@ -98,11 +101,12 @@ KERNELS = KernelSet(
     moe_router=moe_router,
     moe_norm_residual=moe_norm_residual,
     uses_kernels=True,
+    gated_qmv=gated_qmv,
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
     rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, moe_router,
-    moe_norm_residual, True,
+    moe_norm_residual, True, gated_qmv,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
@@ -120,7 +124,7 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 
 __all__ = [
     "ALL_KERNELS", "KERNELS", "KernelSet", "MAX_DECODE_QUERIES", "PROMPT_ROWS", "TWINS", "decode_attention",
-    "decode_attention_ref", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
+    "decode_attention_ref", "gated_qmv", "gated_qmv_ref", "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
     "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
     "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -83,10 +83,24 @@ def build(file: str, body: str, inputs: tuple[str, ...], outputs: tuple[str, ...
     raise RuntimeError("custom kernels need MLX's Metal or CUDA back end; use the `_ref` twin on CPU")
 
 
+# MLX's CUDA allocator serves arrays of up to 8 bytes from one shared pool of managed memory,
+# which the host writes too (each decode step's positions): a kernel that reads from it can wait
+# for the page to migrate. Kernel parameters are padded past it.
+POOLED_MAX_BYTES = 8
+
+
+def parameter_array(values, dtype) -> mx.array:
+    """`values` as a 1-D array, zero-padded past POOLED_MAX_BYTES (kernels read the leading ones)."""
+    values = list(values)
+    itemsize = mx.zeros((), dtype=dtype).itemsize
+    room = -(-(POOLED_MAX_BYTES + 1) // itemsize)
+    return mx.array(values + [0] * max(0, room - len(values)), dtype=dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def scalars(*values: float) -> mx.array:
     """A small float32 parameter array (eps, scales), made once per distinct set of values."""
-    return mx.array(values, dtype=mx.float32)
+    return parameter_array(values, mx.float32)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -10,7 +10,7 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._source import build, round_up
+from ._source import build, parameter_array, round_up
 
 THREADS = 256
 
@@ -44,9 +44,9 @@ def gelu_gate_ref(gate: mx.array, up: mx.array | None = None, up_offset: int = 0
 
 
 @functools.lru_cache(maxsize=256)
-def _column(offset: int) -> mx.array:
+def column_input(offset: int) -> mx.array:
     # A runtime input rather than a template: one compiled kernel serves every layer's columns.
-    return mx.array([offset], dtype=mx.int32)
+    return parameter_array([offset], mx.int32)
 
 
 def gelu_gate(gate: mx.array, up: mx.array | None = None, up_offset: int = 0) -> mx.array:
@@ -55,7 +55,7 @@ def gelu_gate(gate: mx.array, up: mx.array | None = None, up_offset: int = 0) ->
     threads = min(THREADS, round_up(N, 32))
     kernel = build("gelu_gate", "gelu_gate", ("gate", "up", "up_column"), ("out",), contiguous=False)
     (out,) = kernel(
-        inputs=[gate, up, _column(column)],
+        inputs=[gate, up, column_input(column)],
         template=[("T", up.dtype), ("N", N), ("NDIM", gate.ndim)],
         grid=(round_up(N, threads), rows, 1),
         threadgroup=(threads, 1, 1),

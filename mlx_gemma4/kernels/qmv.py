@@ -7,7 +7,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._source import build
+from .decode_attention import MAX_DECODE_QUERIES
+from .gelu_gate import column_input, gelu_gate_ref
 
+DENSE_VALUES_PER_LOAD = 8  # 16-bit weights: 16 bytes a lane
 RPS = 4  # weight rows per threadgroup: they share each x load
 SIMDS = 4  # simdgroups per threadgroup, splitting K (4 rows x 4 simdgroups led a sweep of 1-8 x 2-8)
 SUPPORTED_BITS = (4, 8)
@@ -20,22 +23,71 @@ def qmv_ref(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
 
 def qmv_supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int) -> bool:
     """Shapes the kernel takes: affine 4/8-bit, whole 16-byte loads within one group."""
+    return _fits_quantized(x.shape[-1], biases, group_size, bits)
+
+
+def _fits_quantized(K: int, biases: mx.array | None, group_size: int, bits: int) -> bool:
     values_per_load = 128 // bits if bits in SUPPORTED_BITS else 0
-    K = x.shape[-1]
     return bool(values_per_load) and biases is not None and group_size % values_per_load == 0 and K % group_size == 0
 
 
-def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
-    K, N = x.shape[-1], w.shape[0]
-    rows = x.size // K
-    kernel = build("qmv", "qmv", ("x", "w", "scales", "biases"), ("out",))
+def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bits: int, simds: int) -> mx.array:
+    """One qmv launch over x's rows (the gate's, where GATED) and w's N rows."""
+    N = w.shape[0]
     (out,) = kernel(
-        inputs=[x, w, scales, biases],
-        template=[("T", x.dtype), ("M", rows), ("BITS", bits), ("GROUP", group_size), ("RPS", RPS), ("SIMDS", SIMDS),
-                  ("X_BF16", x.dtype == mx.bfloat16)],
-        grid=((N + RPS - 1) // RPS * 32 * SIMDS, 1, 1),
-        threadgroup=(32 * SIMDS, 1, 1),
+        inputs=inputs,
+        template=[("T", x.dtype), ("WT", w.dtype), ("M", x.size // x.shape[-1]), ("BITS", bits), ("GROUP", group_size),
+                  ("RPS", RPS), ("SIMDS", simds), ("X_BF16", x.dtype == mx.bfloat16),
+                  ("W_BF16", w.dtype == mx.bfloat16)],
+        grid=((N + RPS - 1) // RPS * 32 * simds, 1, 1),
+        threadgroup=(32 * simds, 1, 1),
         output_shapes=[(*x.shape[:-1], N)],
         output_dtypes=[x.dtype],
     )
     return out
+
+
+def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
+    kernel = build("qmv", "qmv", ("x", "w", "scales", "biases"), ("out",))
+    return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS)
+
+
+def gated_qmv_ref(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+                  biases: mx.array | None, group_size: int, bits: int) -> mx.array:
+    """gelu_gate_ref(gate, up, up_offset) @ w.T: dequantized w as in qmv_ref, or a dense [N, K] w
+    where scales is None (group_size and bits then unread)."""
+    x = gelu_gate_ref(gate, up, up_offset)
+    if scales is None:
+        return x @ w.T
+    return qmv_ref(x, w, scales, biases, group_size, bits)
+
+
+def gated_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+                       biases: mx.array | None, group_size: int, bits: int) -> bool:
+    """Decode-sized calls whose operands the GATED kernel reads: whole 16-byte loads (of rows
+    that start 16-byte aligned where x is bfloat16) and qmv's quantized layouts or a 16-bit w."""
+    up = gate if up is None else up
+    if gate.size > MAX_DECODE_QUERIES * gate.shape[-1] or up.shape[:-1] != gate.shape[:-1]:
+        return False
+    if scales is None:
+        K = w.shape[-1]
+        fits_layout = w.dtype in (mx.bfloat16, mx.float16) and K % DENSE_VALUES_PER_LOAD == 0
+    else:
+        K = w.shape[-1] * 32 // bits
+        fits_layout = _fits_quantized(K, biases, group_size, bits)
+    aligned = gate.dtype != mx.bfloat16 or all(n % 8 == 0 for n in (gate.shape[-1], up.shape[-1], up_offset))
+    return fits_layout and aligned and gate.shape[-1] >= K and up.shape[-1] >= up_offset + K
+
+
+def gated_qmv(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+              biases: mx.array | None, group_size: int, bits: int) -> mx.array:
+    dense = scales is None
+    if up is None:  # gate holds the gate|up halves
+        up, up_offset = gate, gate.shape[-1] // 2
+    K = w.shape[-1] if dense else w.shape[-1] * 32 // bits
+    # Short rows (the PLE projection's 256 values) leave a threadgroup's later simdgroups no work.
+    simds = max(1, min(SIMDS, K // (32 * (128 // (16 if dense else bits)))))
+    kernel = build("qmv", "qmv", ("x", "up", "up_column", "w", "scales", "biases"), ("out",), defines=(("GATED", 1),))
+    placeholder = column_input(0)
+    inputs = [gate, up, column_input(up_offset), w, placeholder if dense else scales, placeholder if dense else biases]
+    return _launch(kernel, inputs, gate, w, group_size, 16 if dense else bits, simds)

@@ -1,5 +1,6 @@
 """qmv kernel vs its twin (MLX's quantized_matmul) on the decode projections of the four models,
-4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides."""
+4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides; its
+GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import mlx.core as mx
 import pytest
 from tolerances import DTYPES, assert_close, random, requires_gpu
 
-from mlx_gemma4.kernels import MAX_DECODE_QUERIES, qmv, qmv_ref
+from mlx_gemma4.kernels import (
+    MAX_DECODE_QUERIES, gated_qmv, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref, qmv, qmv_ref,
+)
 
 pytestmark = requires_gpu
 
@@ -31,4 +34,42 @@ def test_matches_twin(dtype, bits, rows, shape):
     # Float32 sums of K products taken in another order differ by up to ~K ulps of the partial sums.
     assert_close(
         qmv(x, w, scales, biases, 64, bits), oracle, dtype, f"qmv[{dtype} {bits}-bit K{K} N{N} M{rows}]", extra_atol=K * 2e-8
+    )
+
+
+GATED_SHAPES = [  # (K, N, up columns, up's first column): E2B's down (the gate|up halves, up None) and PLE
+    # projection (its layer's 256 columns of 35 layers'), the 31B's down, a ragged N
+    (6144, 1536, None, None), (256, 1536, 35 * 256, 34 * 256), (21504, 5376, None, None), (512, 1003, 1024, 512),
+]
+
+
+# Dense weights of 16 bits only: a float32 model's projections keep MLX's product.
+GATED_KINDS = [(dtype, bits) for dtype in DTYPES for bits in (4, 8, 16) if not (bits == 16 and dtype == mx.float32)]
+
+
+@pytest.mark.parametrize("dtype,bits", GATED_KINDS, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, MAX_DECODE_QUERIES])
+@pytest.mark.parametrize("shape", GATED_SHAPES, ids=str)
+def test_gated_matches_twin(dtype, bits, rows, shape):
+    """gated_qmv = gelu_gate then the product, quantized or (bits 16) a 16-bit dense weight."""
+    K, N, up_columns, up_offset = shape
+    weight = random((N, K), dtype if bits == 16 else mx.float32, scale=0.05, seed=K + N)
+    if bits == 16:
+        w, scales, biases = weight, None, None
+    else:
+        w, scales, biases = mx.quantize(weight.astype(dtype), group_size=64, bits=bits)
+    gate = random((1, rows, K if up_columns else 2 * K), dtype, seed=rows)
+    up = random((1, rows, up_columns), dtype, seed=rows + 1) if up_columns else None
+    operands = (gate, up, up_offset or 0, w, scales, biases, 64, bits)
+    assert gated_qmv_supports(*operands)
+    # The oracle: the gated input rounded to dtype (as gelu_gate's output), then the product in float32.
+    f32 = mx.float32
+    hidden = gelu_gate_ref(gate, up, up_offset or 0).astype(f32)
+    if bits == 16:
+        oracle = hidden @ w.astype(f32).T
+    else:
+        oracle = qmv_ref(hidden, w, scales.astype(f32), biases.astype(f32), 64, bits)
+    assert_close(
+        gated_qmv(*operands), oracle.astype(dtype), dtype, f"gated_qmv[{dtype} {bits}-bit K{K} N{N} M{rows}]",
+        extra_atol=K * 2e-8,
     )

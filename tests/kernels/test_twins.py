@@ -211,3 +211,16 @@ def test_moe_norm_residual_ref():
     expected = (np64(residual) + rms(rms(np64(dense), np64(w1)) + rms(mixed, np64(w2)), np64(w))) * 0.5
     np.testing.assert_allclose(np64(h), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np64(normed), rms(expected, np64(next_w)), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_parameters_are_padded_past_mlx_small_array_pool():
+    """Kernel parameter arrays keep their values first and take more than POOLED_MAX_BYTES, so
+    MLX's CUDA allocator does not place them in its shared pool of host-written managed memory."""
+    from mlx_gemma4.kernels._source import POOLED_MAX_BYTES, parameter_array, scalars
+    from mlx_gemma4.kernels.gelu_gate import column_input
+
+    for array, leading in ((scalars(1e-6), [1e-6]), (column_input(768), [768]),
+                           (parameter_array([1.5], mx.bfloat16), [1.5]), (scalars(1, 2, 3, 4, 5), [1, 2, 3, 4, 5])):
+        assert array.nbytes > POOLED_MAX_BYTES and array.ndim == 1
+        np.testing.assert_allclose(np.array(array[: len(leading)].astype(mx.float32)), leading, rtol=1e-6)
+        assert not np.array(array[len(leading):].astype(mx.float32)).any()
