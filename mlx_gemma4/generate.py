@@ -154,6 +154,7 @@ class CompiledDecode:
     def __init__(self, model: Model):
         self.model = model
         model.keep_transposed_weights()  # fewer graph nodes per step (model.Linear)
+        model.keep_scalars_off_the_small_pool()
         self._cache: list = []  # the caches being traced; their kinds and windows shape the graph
         self._step = mx.compile(self._traced)
 

@@ -129,6 +129,7 @@ def _ready_to_run(model: Model) -> Model:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())  # what no layer holds: embeddings, final norm, PLE projection
     model.keep_transposed_weights()
+    model.keep_scalars_off_the_small_pool()
     return model
 
 

@@ -18,6 +18,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
 from .kernels import MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_ref, select_kernels
+from .kernels._source import POOLED_MAX_BYTES, parameter_array
 from .rope import LayerRoPE
 
 # Decode of models up to this width is bound by per-operation host overhead, so fewer, larger
@@ -520,6 +521,17 @@ class Model(nn.Module):
         for _, module in self.named_modules():
             if isinstance(module, Linear):
                 module.keep_transposed()
+
+    def keep_scalars_off_the_small_pool(self):
+        """Re-seat each layer's one-value `layer_scalar` (a kernel parameter of norm_residual) as a
+        view of a padded array (kernels._source.parameter_array): MLX's CUDA allocator puts arrays
+        of 8 bytes or less in a pool whose reads by a kernel's threads are slow. Call it once the
+        weights are in (the loader and the compiled decode step do)."""
+        for layer in self.layers:
+            scalar = layer["layer_scalar"]
+            if scalar.nbytes <= POOLED_MAX_BYTES:
+                layer["layer_scalar"] = parameter_array(scalar.tolist(), scalar.dtype)[: scalar.size]
+                mx.eval(layer["layer_scalar"])
 
     def fuse_projections(self) -> "Model":
         """Fuse each layer's q/k/v and gate/up projections (the MLP's and the experts') into one
