@@ -66,7 +66,8 @@ def gated_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: m
                        biases: mx.array | None, group_size: int, bits: int) -> bool:
     """Decode-sized calls whose operands the GATED kernel reads: whole 16-byte loads (of rows
     that start 16-byte aligned where x is bfloat16) and qmv's quantized layouts or a 16-bit w."""
-    up = gate if up is None else up
+    if up is None:  # gate holds the gate|up halves
+        up, up_offset = gate, gate.shape[-1] // 2
     if gate.size > MAX_DECODE_QUERIES * gate.shape[-1] or up.shape[:-1] != gate.shape[:-1]:
         return False
     if scales is None:
@@ -76,7 +77,9 @@ def gated_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: m
         K = w.shape[-1] * 32 // bits
         fits_layout = _fits_quantized(K, biases, group_size, bits)
     aligned = gate.dtype != mx.bfloat16 or all(n % 8 == 0 for n in (gate.shape[-1], up.shape[-1], up_offset))
-    return fits_layout and aligned and gate.shape[-1] >= K and up.shape[-1] >= up_offset + K
+    halves = up is gate and up_offset == gate.shape[-1] // 2
+    covered = gate.shape[-1] == 2 * K if halves else gate.shape[-1] >= K and up.shape[-1] >= up_offset + K
+    return fits_layout and aligned and covered
 
 
 def gated_qmv(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,

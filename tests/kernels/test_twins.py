@@ -224,3 +224,22 @@ def test_kernel_parameters_are_padded_past_mlx_small_array_pool():
         assert array.nbytes > POOLED_MAX_BYTES and array.ndim == 1
         np.testing.assert_allclose(np.array(array[: len(leading)].astype(mx.float32)), leading, rtol=1e-6)
         assert not np.array(array[len(leading):].astype(mx.float32)).any()
+
+
+def test_gated_qmv_takes_decode_calls_its_loads_can_read():
+    """gated_qmv applies to 1-8 rows of 16-byte-aligned bfloat16 operands whose gate|up halves or
+    columns cover the weight's K; prompt chunks, misaligned columns and wrong widths keep two ops."""
+    from mlx_gemma4.kernels import gated_qmv_supports
+
+    w, scales, biases = mx.quantize(mx.zeros((32, 128)), group_size=64, bits=4)
+    dense = mx.zeros((32, 128), dtype=mx.bfloat16)
+    halves = mx.zeros((1, 1, 256), dtype=mx.bfloat16)
+    gate, up = mx.zeros((1, 1, 128), dtype=mx.bfloat16), mx.zeros((1, 1, 1024), dtype=mx.bfloat16)
+    assert gated_qmv_supports(halves, None, 0, w, scales, biases, 64, 4)
+    assert gated_qmv_supports(halves, None, 0, dense, None, None, 0, 0)
+    assert gated_qmv_supports(gate, up, 896, w, scales, biases, 64, 4)
+    assert not gated_qmv_supports(mx.zeros((1, 9, 256), dtype=mx.bfloat16), None, 0, w, scales, biases, 64, 4)
+    assert not gated_qmv_supports(gate, up, 900, w, scales, biases, 64, 4)  # misaligned column
+    assert not gated_qmv_supports(gate, up, 960, w, scales, biases, 64, 4)  # past up's end
+    assert not gated_qmv_supports(mx.zeros((1, 1, 384), dtype=mx.bfloat16), None, 0, w, scales, biases, 64, 4)
+    assert not gated_qmv_supports(halves, None, 0, dense.astype(mx.float32), None, None, 0, 0)
