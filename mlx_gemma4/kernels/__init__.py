@@ -124,7 +124,8 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 
 __all__ = [
     "ALL_KERNELS", "KERNELS", "KernelSet", "MAX_DECODE_QUERIES", "PROMPT_ROWS", "TWINS", "decode_attention",
-    "decode_attention_ref", "gated_qmv", "gated_qmv_ref", "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
-    "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
-    "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
+    "decode_attention_ref", "gated_qmv", "gated_qmv_ref", "gated_qmv_supports", "gelu_gate", "gelu_gate_ref",
+    "gpu_backend", "kernels_enabled", "moe_norm_residual", "moe_norm_residual_ref", "moe_router", "moe_router_ref",
+    "norm_residual", "norm_residual_ref", "ple_inputs", "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm",
+    "rope_norm_ref", "select_kernels",
 ]

@@ -92,8 +92,7 @@ POOLED_MAX_BYTES = 8
 def parameter_array(values, dtype) -> mx.array:
     """`values` as a 1-D array, zero-padded past POOLED_MAX_BYTES (kernels read the leading ones)."""
     values = list(values)
-    itemsize = mx.zeros((), dtype=dtype).itemsize
-    room = -(-(POOLED_MAX_BYTES + 1) // itemsize)
+    room = POOLED_MAX_BYTES // dtype.size + 1
     return mx.array(values + [0] * max(0, room - len(values)), dtype=dtype)
 
 

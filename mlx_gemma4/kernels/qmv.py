@@ -10,7 +10,7 @@ from ._source import build
 from .decode_attention import MAX_DECODE_QUERIES
 from .gelu_gate import column_input, gelu_gate_ref
 
-DENSE_VALUES_PER_LOAD = 8  # 16-bit weights: 16 bytes a lane
+DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-byte load)
 RPS = 4  # weight rows per threadgroup: they share each x load
 SIMDS = 4  # simdgroups per threadgroup, splitting K (4 rows x 4 simdgroups led a sweep of 1-8 x 2-8)
 SUPPORTED_BITS = (4, 8)
@@ -62,35 +62,41 @@ def gated_qmv_ref(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.arr
     return qmv_ref(x, w, scales, biases, group_size, bits)
 
 
+def _gated_operands(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+                    bits: int) -> tuple[mx.array, int, int, int]:
+    """(up, up's first column, K, the kernel's BITS): up None reads the gate|up halves of gate,
+    and a dense w (scales None) holds 16-bit values."""
+    if up is None:
+        up, up_offset = gate, gate.shape[-1] // 2
+    if scales is None:
+        return up, up_offset, w.shape[-1], DENSE_BITS
+    return up, up_offset, w.shape[-1] * 32 // bits, bits
+
+
 def gated_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
                        biases: mx.array | None, group_size: int, bits: int) -> bool:
     """Decode-sized calls whose operands the GATED kernel reads: whole 16-byte loads (of rows
     that start 16-byte aligned where x is bfloat16) and qmv's quantized layouts or a 16-bit w."""
-    if up is None:  # gate holds the gate|up halves
-        up, up_offset = gate, gate.shape[-1] // 2
+    halves = up is None
+    up, up_offset, K, kernel_bits = _gated_operands(gate, up, up_offset, w, scales, bits)
     if gate.size > MAX_DECODE_QUERIES * gate.shape[-1] or up.shape[:-1] != gate.shape[:-1]:
         return False
     if scales is None:
-        K = w.shape[-1]
-        fits_layout = w.dtype in (mx.bfloat16, mx.float16) and K % DENSE_VALUES_PER_LOAD == 0
+        fits_layout = w.dtype in (mx.bfloat16, mx.float16) and K % (128 // kernel_bits) == 0
     else:
-        K = w.shape[-1] * 32 // bits
         fits_layout = _fits_quantized(K, biases, group_size, bits)
     aligned = gate.dtype != mx.bfloat16 or all(n % 8 == 0 for n in (gate.shape[-1], up.shape[-1], up_offset))
-    halves = up is gate and up_offset == gate.shape[-1] // 2
     covered = gate.shape[-1] == 2 * K if halves else gate.shape[-1] >= K and up.shape[-1] >= up_offset + K
     return fits_layout and aligned and covered
 
 
 def gated_qmv(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
               biases: mx.array | None, group_size: int, bits: int) -> mx.array:
-    dense = scales is None
-    if up is None:  # gate holds the gate|up halves
-        up, up_offset = gate, gate.shape[-1] // 2
-    K = w.shape[-1] if dense else w.shape[-1] * 32 // bits
+    up, up_offset, K, kernel_bits = _gated_operands(gate, up, up_offset, w, scales, bits)
     # Short rows (the PLE projection's 256 values) leave a threadgroup's later simdgroups no work.
-    simds = max(1, min(SIMDS, K // (32 * (128 // (16 if dense else bits)))))
+    simds = max(1, min(SIMDS, K // (32 * (128 // kernel_bits))))
     kernel = build("qmv", "qmv", ("x", "up", "up_column", "w", "scales", "biases"), ("out",), defines=(("GATED", 1),))
-    placeholder = column_input(0)
-    inputs = [gate, up, column_input(up_offset), w, placeholder if dense else scales, placeholder if dense else biases]
-    return _launch(kernel, inputs, gate, w, group_size, 16 if dense else bits, simds)
+    if scales is None:  # unread by a dense build
+        scales = biases = column_input(0)
+    return _launch(kernel, [gate, up, column_input(up_offset), w, scales, biases], gate, w, group_size, kernel_bits,
+                   simds)
