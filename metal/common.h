@@ -79,3 +79,32 @@ GEMMA_FN void load_floats(const DEV_ADDR T* src, THREAD_ADDR float* dst) {
     }
   }
 }
+
+// Merges one row's flash-decoding splits into out[0, D): split s left its (max, sum) at
+// ml[2 s], ml[2 s + 1] and its unnormalised acc at acc[s D, (s + 1) D). TG threads of one
+// threadgroup call it; `weight` holds nsplit floats of threadgroup memory. P is a float pointer:
+// volatile where other threadgroups of the same launch wrote the splits (the fused combine).
+template <typename T, int D, int TG, typename P>
+GEMMA_FN void combine_splits(P ml, P acc, int nsplit, DEV_ADDR T* out, TG_ADDR float* weight, uint t) {
+  // Every thread finds the row's max and sum (nsplit reads, from cache).
+  float row_max = GEMMA_NEG_BIG;
+  for (int s = 0; s < nsplit; s++) {
+    row_max = metal::max(row_max, ml[2 * s]);
+  }
+  float total = 0.0f;
+  for (int s = 0; s < nsplit; s++) {
+    total += ml[2 * s + 1] * metal::exp(ml[2 * s] - row_max);
+  }
+  float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: 0, not NaN
+  for (int s = int(t); s < nsplit; s += TG) {
+    weight[s] = metal::exp(ml[2 * s] - row_max) * inv;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int d = int(t); d < D; d += TG) {
+    float a = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+      a += acc[s * D + d] * weight[s];
+    }
+    out[d] = static_cast<T>(a);
+  }
+}

@@ -45,6 +45,21 @@ __device__ inline float simd_max(float v) {
   return v;
 }
 
+// Whether this threadgroup is the last of `count` to arrive at `counter` (one thread calls it,
+// after a barrier over the threadgroup's device writes): the last one then reads what every
+// threadgroup wrote, and leaves the counter 0 for the next launch, so MLX sees an input that
+// never changes. CUDA only: Metal's device-scope fences are untested here (decode_attention).
+__device__ inline bool arrive_last(const unsigned int* counter, unsigned int count) {
+  unsigned int* arrived = const_cast<unsigned int*>(counter);
+  __threadfence();
+  bool last = atomicAdd(arrived, 1u) == count - 1u;
+  if (last) {
+    *arrived = 0u;
+    __threadfence();
+  }
+  return last;
+}
+
 // Metal's bit reinterpretation between 32-bit types.
 template <typename T>
 __device__ inline T as_type(uint v);

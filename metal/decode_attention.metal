@@ -15,7 +15,10 @@
 //     (max, sum) and unnormalised acc go to part_ml [rows, NSPLIT, 2], part_acc [rows, NSPLIT, D].
 //   combine: grid (rows * TG); merges the NSPLIT states of a row and writes out [B, Lq, Hq * D],
 //     the layout the output projection reads.
-// Templates: T, D, NSG, HAS_MASK, CAUSAL (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).
+// FUSED_COMBINE (a define; CUDA only, for cuda_compat.h's arrive_last): the partial pass combines too.
+//   Each split counts itself in at arrivals[row] (uint32, 0 between launches), and the split that
+//   finishes its row last merges it and writes out: one launch a call instead of two.
+// Templates: T, D, NSG, HAS_MASK, CAUSAL, MAX_SPLITS (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).
 
 // @kernel decode_attention_partial
   constexpr int EPT = (D + 31) / 32;
@@ -122,34 +125,29 @@
     part_ml[part * 2] = mmax;
     part_ml[part * 2 + 1] = total;
   }
+#if FUSED_COMBINE
+  threadgroup uint finishes_row[1];
+  threadgroup float weight[MAX_SPLITS];
+  threadgroup_barrier(mem_flags::mem_device);
+  if (t == 0) {
+    finishes_row[0] = arrive_last(arrivals + row, nsplit) ? 1u : 0u;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (finishes_row[0] != 0u) {
+    // Volatile: other threadgroups of this launch wrote the splits.
+    const volatile device float* row_ml = part_ml + size_t(row) * nsplit * 2;
+    const volatile device float* row_acc = part_acc + size_t(row) * nsplit * D;
+    size_t out_base = ((size_t(b) * Lq + lq) * Hq + hq) * D;
+    combine_splits<T, D, NSG * 32>(row_ml, row_acc, int(nsplit), out + out_base, weight, t);
+  }
+#endif
 
 // @kernel decode_attention_combine
   uint row = threadgroup_position_in_grid.x;
-  uint t = thread_position_in_threadgroup.x;
   int nsplit = part_ml_shape[1];
   threadgroup float weight[MAX_SPLITS];
-  // Every thread finds the row's max and sum (nsplit <= MAX_SPLITS reads, from cache).
-  float mmax = GEMMA_NEG_BIG;
-  for (int s = 0; s < nsplit; s++) {
-    mmax = metal::max(mmax, part_ml[(size_t(row) * nsplit + s) * 2]);
-  }
-  float total = 0.0f;
-  for (int s = 0; s < nsplit; s++) {
-    size_t i = (size_t(row) * nsplit + s) * 2;
-    total += part_ml[i + 1] * metal::exp(part_ml[i] - mmax);
-  }
-  float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: 0, not NaN
-  for (int s = int(t); s < nsplit; s += TG) {
-    weight[s] = metal::exp(part_ml[(size_t(row) * nsplit + s) * 2] - mmax) * inv;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
   // row = (b * HQ + head) * LQ + query -> out[b, query, head, :]
   uint head = (row / LQ) % HQ;
   size_t out_base = ((size_t(row / (LQ * HQ)) * LQ + row % LQ) * HQ + head) * D;
-  for (int d = int(t); d < D; d += TG) {
-    float a = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-      a += part_acc[(size_t(row) * nsplit + s) * D + d] * weight[s];
-    }
-    out[out_base + d] = static_cast<T>(a);
-  }
+  combine_splits<T, D, TG>(part_ml + size_t(row) * nsplit * 2, part_acc + size_t(row) * nsplit * D, nsplit,
+                           out + out_base, weight, thread_position_in_threadgroup.x);

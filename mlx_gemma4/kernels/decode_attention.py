@@ -1,6 +1,7 @@
 """decode_attention: split-K attention for a few queries against a cache's K/V, read in place
-(metal/decode_attention.metal: a partial pass and a combine pass). head_dim 256 and 512 (MLX's
-fused SDPA stops at 256), GQA, scale 1.0, the masks the caches build."""
+(metal/decode_attention.metal: a partial pass and a combine pass; on CUDA the partial pass's
+last split per row combines, one launch). head_dim 256 and 512 (MLX's fused SDPA stops at 256),
+GQA, scale 1.0, the masks the caches build."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import functools
 
 import mlx.core as mx
 
-from ._source import build, round_up
+from ._source import build, gpu_backend, parameter_array, round_up
 
 MAX_DECODE_QUERIES = 8  # decode (1) and speculative verify; longer query blocks take prefill SDPA
 SIMDGROUPS = 4  # simdgroups per partial threadgroup, each walking every 4th key of the chunk
@@ -40,9 +41,26 @@ def _no_mask() -> mx.array:
     return mx.ones((1, 1, 1, 1), dtype=mx.bool_)
 
 
+def fuses_combine() -> bool:
+    """Whether the partial pass also combines (FUSED_COMBINE): on CUDA, one launch and one graph
+    node a call fewer. Metal keeps the two passes: its cross-threadgroup fences are untested here."""
+    return gpu_backend() == "cuda"
+
+
+@functools.cache
+def _arrivals(rows: int) -> mx.array:
+    """Per-row arrival counters for FUSED_COMBINE, 0 between launches (the last split resets its
+    row's). Calls share them: no two overlap, as each attention call waits on the one before
+    through the residual stream. Made from host data, so a first call inside a traced graph
+    captures it as a constant."""
+    return parameter_array([0] * rows, mx.uint32)
+
+
 def decode_attention(
-    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
+    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None,
+    fused_combine: bool | None = None,
 ) -> mx.array:
+    """`fused_combine`: whether the partial pass merges the splits itself; None: fuses_combine()."""
     # Strides are read for every axis but the last: each head_dim row must be contiguous, as
     # cache buffers, their slices and head-axis transposes are.
     B, Hq, Lq, D = queries.shape
@@ -55,18 +73,22 @@ def decode_attention(
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         mask = mx.broadcast_to(mask, (mask.shape[0], 1, Lq, S))
     causal = isinstance(mask, str) and Lq > 1  # bottom-right aligned; with one query it is no mask
+    fused = fuses_combine() if fused_combine is None else fused_combine
     partial = build(
-        "decode_attention", "decode_attention_partial", ("q", "k", "v", "mask"), ("part_acc", "part_ml"),
-        contiguous=False,
+        "decode_attention", "decode_attention_partial", ("q", "k", "v", "mask") + ("arrivals",) * fused,
+        ("part_acc", "part_ml") + ("out",) * fused, contiguous=False, defines=(("FUSED_COMBINE", int(fused)),),
     )
-    part_acc, part_ml = partial(
-        inputs=[queries, keys, values, mask if has_mask else _no_mask()],
-        template=[("T", queries.dtype), ("D", D), ("NSG", SIMDGROUPS), ("HAS_MASK", has_mask), ("CAUSAL", causal)],
+    part_acc, part_ml, *out = partial(
+        inputs=[queries, keys, values, mask if has_mask else _no_mask()] + [_arrivals(rows)] * fused,
+        template=[("T", queries.dtype), ("D", D), ("NSG", SIMDGROUPS), ("HAS_MASK", has_mask), ("CAUSAL", causal),
+                  ("MAX_SPLITS", MAX_SPLITS)],
         grid=(splits * SIMDGROUPS * 32, rows, 1),
         threadgroup=(SIMDGROUPS * 32, 1, 1),
-        output_shapes=[(rows, splits, D), (rows, splits, 2)],
-        output_dtypes=[mx.float32, mx.float32],
+        output_shapes=[(rows, splits, D), (rows, splits, 2)] + [(B, Lq, Hq * D)] * fused,
+        output_dtypes=[mx.float32, mx.float32] + [queries.dtype] * fused,
     )
+    if fused:
+        return out[0]
     combine = build("decode_attention", "decode_attention_combine", ("part_acc", "part_ml"), ("out",))
     (out,) = combine(
         inputs=[part_acc, part_ml],
