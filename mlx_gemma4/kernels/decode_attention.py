@@ -57,10 +57,16 @@ def _arrivals(rows: int) -> mx.array:
 
 
 def decode_attention(
-    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None,
-    fused_combine: bool | None = None,
+    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
 ) -> mx.array:
-    """`fused_combine`: whether the partial pass merges the splits itself; None: fuses_combine()."""
+    return merged_splits_attention(queries, keys, values, mask, fuses_combine())
+
+
+def merged_splits_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None, fused: bool
+) -> mx.array:
+    """decode_attention with the splits merged by the partial pass itself (`fused`) or by
+    the combine pass."""
     # Strides are read for every axis but the last: each head_dim row must be contiguous, as
     # cache buffers, their slices and head-axis transposes are.
     B, Hq, Lq, D = queries.shape
@@ -73,7 +79,6 @@ def decode_attention(
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         mask = mx.broadcast_to(mask, (mask.shape[0], 1, Lq, S))
     causal = isinstance(mask, str) and Lq > 1  # bottom-right aligned; with one query it is no mask
-    fused = fuses_combine() if fused_combine is None else fused_combine
     partial = build(
         "decode_attention", "decode_attention_partial", ("q", "k", "v", "mask") + ("arrivals",) * fused,
         ("part_acc", "part_ml") + ("out",) * fused, contiguous=False, defines=(("FUSED_COMBINE", int(fused)),),

@@ -77,7 +77,7 @@ def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
     """Both ways to merge the splits: the partial pass's last split per row (FUSED_COMBINE, the
     CUDA default) and the combine pass (Metal's). The rows' arrival counters are 0 after each call."""
     from mlx_gemma4.kernels._source import gpu_backend
-    from mlx_gemma4.kernels.decode_attention import _arrivals
+    from mlx_gemma4.kernels.decode_attention import _arrivals, merged_splits_attention
 
     if fused and gpu_backend() != "cuda":
         pytest.skip("FUSED_COMBINE runs on CUDA only")
@@ -85,6 +85,6 @@ def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
     for offset, mask, keys, values in cache_steps(kind, batch, 2, 256, dtype, 1):
         q = random((batch, heads, 1, 256), dtype, 3.0**0.5 * 256**-0.25, seed=offset)
         for _ in range(2):  # the second call starts from the counters the first left
-            out = decode_attention(q, keys, values, mask, fused_combine=fused)
+            out = merged_splits_attention(q, keys, values, mask, fused)
             assert_close(out, oracle(q, keys, values, mask), dtype, f"decode_attention[fused={fused} {kind} @{offset}]")
         assert not _arrivals(batch * heads).any().item()
