@@ -8,6 +8,8 @@ E2B decode shapes (one row, width 1536), and is called `--calls` times, each cal
 - host us: the call and `mx.async_eval` until they return (building and handing over the graph);
 - wall us: the whole loop's time. When host is close to wall, the chain is bound by the host.
 Set MLX_MAX_OPS_PER_BUFFER / MLX_USE_CUDA_GRAPHS around it to see what MLX's CUDA graphs cost.
+On a GPU the "trivial kernel" kinds ask how a custom kernel's host cost grows with the arrays it
+takes and writes (ARITIES).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from mlx_gemma4 import kernels  # noqa: E402
+from mlx_gemma4.kernels import _source  # noqa: E402
 
 WIDTH = 1536
 
@@ -77,7 +80,35 @@ def chains(nodes: int) -> dict:
              "rms_norm": rms_norm, "custom kernel": custom_kernel, "cache write + take": cache_write}
     if kernels.gpu_backend() is None:  # custom kernels need MLX's Metal or CUDA back end
         kinds = {name: fn for name, fn in kinds.items() if fn not in (qmv_kernel, custom_kernel)}
+    else:
+        kinds.update({f"trivial kernel, {ins} in {outs} out": arity_chain(nodes, ins, outs) for ins, outs in ARITIES})
     return {name: (mx.compile(fn), x) for name, fn in kinds.items()}
+
+
+# (inputs, outputs) of a trivial kernel: does a node's host cost grow with the arrays it takes?
+# (Session 16: a fused projection + norm_residual launch of 13 inputs and 2-3 outputs cost the
+# host about what the two launches it replaced did.)
+ARITIES = [(1, 1), (4, 1), (8, 1), (12, 1), (1, 4), (12, 4)]
+
+
+def arity_chain(nodes: int, inputs: int, outputs: int):
+    """A chain of a kernel that adds `inputs` - 1 constant [WIDTH] arrays to v and writes the sum
+    to each of its `outputs`; the first output feeds the next link."""
+    constants = [mx.full((WIDTH,), 1e-3 * (i + 1), mx.bfloat16) for i in range(inputs - 1)]
+    mx.eval(constants)
+    names = ("v", *(f"c{i}" for i in range(inputs - 1)))
+    outs = ("out", *(f"out{i}" for i in range(outputs - 1)))
+    body = "uint i = thread_position_in_grid.x;\nfloat s = static_cast<float>(v[i]);\n"
+    body += "".join(f"s += static_cast<float>({name}[i]);\n" for name in names[1:])
+    body += "".join(f"{name}[i] = static_cast<T>(s);\n" for name in outs)
+    kernel = _source.compile_source(f"host_cost_{inputs}_{outputs}", body, names, outs)
+
+    def chain(v):
+        for _ in range(nodes):
+            v = kernel(inputs=[v.reshape(WIDTH), *constants], template=[("T", mx.bfloat16)], grid=(WIDTH, 1, 1),
+                       threadgroup=(256, 1, 1), output_shapes=[(WIDTH,)] * outputs, output_dtypes=[mx.bfloat16] * outputs)[0]
+        return v.reshape(1, 1, WIDTH)
+    return chain
 
 
 def measure(fn, x: mx.array, calls: int) -> tuple[float, float]:

@@ -67,6 +67,11 @@ def build(file: str, body: str, inputs: tuple[str, ...], outputs: tuple[str, ...
     caches compiled kernels by name."""
     source = "".join(f"#define {key} {value}\n" for key, value in defines) + _strip(bodies(file)[body])
     name = f"gemma4_{body}" + "".join(f"_{key.lower()}{value}" for key, value in defines)
+    return compile_source(name, source, inputs, outputs, contiguous)
+
+
+def compile_source(name: str, source: str, inputs: tuple[str, ...], outputs: tuple[str, ...], contiguous: bool = True):
+    """A kernel object for a body written in Metal's vocabulary (common.h's helpers in scope)."""
     backend = gpu_backend()
     if backend == "cuda":
         # The shim goes in `header`, after MLX's own includes, so its macros never reach MLX code.
