@@ -106,7 +106,8 @@ def arity_chain(nodes: int, inputs: int, outputs: int):
     def chain(v):
         for _ in range(nodes):
             v = kernel(inputs=[v.reshape(WIDTH), *constants], template=[("T", mx.bfloat16)], grid=(WIDTH, 1, 1),
-                       threadgroup=(256, 1, 1), output_shapes=[(WIDTH,)] * outputs, output_dtypes=[mx.bfloat16] * outputs)[0]
+                       threadgroup=(256, 1, 1), output_shapes=[(WIDTH,)] * outputs,
+                       output_dtypes=[mx.bfloat16] * outputs)[0]
         return v.reshape(1, 1, WIDTH)
     return chain
 
