@@ -1,6 +1,6 @@
 """Ours against an earlier version of ours, in ONE process on ONE set of random weights: decode
-tok/s and time to the first token in interleaved trials, and the graph nodes of each one's
-compiled decode step. Host-bound speed spreads widely between processes on the lent GPU hosts,
+tok/s, the host's ms a decode step and time to the first token in interleaved trials, and the
+graph nodes of each one's compiled decode step. Host-bound speed spreads widely between processes on the lent GPU hosts,
 so a change is judged this way, not by two runs of compare_mlx_lm.py.
 
     python bench/against_commit.py --base 7cbe15b --model e2b --quant bf16 [--trials 5]
@@ -96,6 +96,24 @@ def decode_tok_s(package, model, prompt: mx.array, tokens: int) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def step_host_ms(package, model, prompt: mx.array, steps: int = 48) -> float:
+    """Median ms to build and hand over one decode step, one step at a time (no pipelining): the
+    host's share of a step, which spreads far less between trials than tok/s does."""
+    generate = importlib.import_module(f"{package.__name__}.generate")
+    cache = model.make_cache()
+    generate.prefill_only(model, prompt[None], cache, 2048)
+    step = generate.decode_step(model, cache)
+    token = mx.array([[7]])
+    hosts = []
+    for _ in range(steps + 8):  # the first steps trace and allocate
+        start = time.perf_counter()
+        token = mx.argmax(step(token, cache), axis=-1)[:, None]
+        mx.async_eval(token)
+        hosts.append(time.perf_counter() - start)
+        mx.eval(token)
+    return 1e3 * statistics.median(hosts[-steps:])
+
+
 def ttft_ms(package, model, prompt: mx.array) -> float:
     prefill = importlib.import_module(f"{package.__name__}.generate").prefill
     start = time.perf_counter()
@@ -151,6 +169,8 @@ def main():
         print("| measure | ours | base | ours / base |\n|---|---:|---:|---:|")
         report(f"decode tok/s, {args.gen_tokens} after 512", interleaved(
             runs, lambda package, model: decode_tok_s(package, model, prompt, args.gen_tokens), args.trials), "tok/s")
+        report("host ms a decode step, unpipelined", interleaved(
+            runs, lambda package, model: step_host_ms(package, model, prompt), args.trials), "ms")
         for length in map(int, args.prompt_lengths.split(",")):
             ids = mx.random.randint(10, text["vocab_size"], (length,), key=mx.random.key(length)).astype(mx.int32)
             interleaved(runs, lambda package, model: ttft_ms(package, model, ids), 2)  # traces and compiles

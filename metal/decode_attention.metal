@@ -17,7 +17,9 @@
 //     the layout the output projection reads.
 // FUSED_COMBINE (a define; CUDA only, for cuda_compat.h's arrive_last): the partial pass combines too.
 //   Each split counts itself in at arrivals[row] (uint32, 0 between launches), and the split that
-//   finishes its row last merges it and writes out: one launch a call instead of two.
+//   finishes its row last merges it and writes out: one launch a call instead of two. part_acc and
+//   part_ml are then inputs, scratch that persists between launches (each output costs MLX's host
+//   a buffer a call), written through a cast.
 // Templates: T, D, NSG, HAS_MASK, CAUSAL, MAX_SPLITS (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).
 
 // @kernel decode_attention_partial
@@ -109,21 +111,28 @@
   for (int g = 0; g < NSG; g++) {
     mmax = metal::max(mmax, sm_m[g]);
   }
+#if FUSED_COMBINE
+  device float* split_acc = const_cast<device float*>(part_acc);
+  device float* split_ml = const_cast<device float*>(part_ml);
+#else
+  device float* split_acc = part_acc;
+  device float* split_ml = part_ml;
+#endif
   size_t part = size_t(row) * nsplit + split;
   for (int d = int(t); d < D; d += NSG * 32) {
     float a = 0.0f;
     for (int g = 0; g < NSG; g++) {
       a += sm_acc[g * D + d] * metal::exp(sm_m[g] - mmax);
     }
-    part_acc[part * D + d] = a;
+    split_acc[part * D + d] = a;
   }
   if (t == 0) {
     float total = 0.0f;
     for (int g = 0; g < NSG; g++) {
       total += sm_l[g] * metal::exp(sm_m[g] - mmax);
     }
-    part_ml[part * 2] = mmax;
-    part_ml[part * 2 + 1] = total;
+    split_ml[part * 2] = mmax;
+    split_ml[part * 2 + 1] = total;
   }
 #if FUSED_COMBINE
   threadgroup uint finishes_row[1];

@@ -8,7 +8,8 @@
 // Grid: one threadgroup of TG = max(32, D/2) threads per (b, l, output head: q heads, then k
 // heads, then v heads); thread t owns the NeoX pair (t, t + D/2). RoPE angle = (pos[b] + l) * inv_freq[t];
 // inv_freq is 0 on pairs that pass through (proportional partial RoPE), which rotates them by exactly 0.
-// Templates: T (dtype), D (head_dim), TG, NQ, NKV, V_FROM_K.
+// Templates: T (dtype), D (head_dim), TG, NQ, NKV, V_FROM_K. QUERIES_ONLY (a define, NKV = 0):
+// the build without the keys and values outputs, as each output costs MLX's host a buffer.
 // Inputs: x, q_w [D], k_w [D], pos int32 [B], inv_freq float32 [2, D/2] (value, remainder),
 // params float32 [eps].
 
@@ -66,7 +67,11 @@
   }
   uint section_head = is_v ? head - NQ - NKV : (is_k ? head - NQ : head);
   uint section_heads = (is_v || is_k) ? uint(NKV) : uint(NQ);
+#if QUERIES_ONLY
+  device T* out = queries;
+#else
   device T* out = is_v ? values : (is_k ? keys : queries);
+#endif
   size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
   out[out_base + t] = static_cast<T>(o1);
   out[out_base + t + HALF] = static_cast<T>(o2);

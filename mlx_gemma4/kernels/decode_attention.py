@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import mlx.core as mx
+import numpy as np
 
 from ._source import build, gpu_backend, parameter_array, round_up
 
@@ -56,6 +57,19 @@ def _arrivals(rows: int) -> mx.array:
     return parameter_array([0] * rows, mx.uint32)
 
 
+@functools.cache
+def _split_scratch(rows: int, head_dim: int) -> tuple[mx.array, mx.array]:
+    """FUSED_COMBINE's per-split (acc [rows, splits, D], (max, sum) [rows, splits, 2]) float32
+    scratch, sized for the most splits `rows` takes and shared by calls as _arrivals is. From host
+    data, as _arrivals is."""
+    room = rows * _most_splits(rows)
+    return mx.array(np.zeros(room * head_dim, np.float32)), mx.array(np.zeros(room * 2, np.float32))
+
+
+def _most_splits(rows: int) -> int:
+    return max(1, min(MAX_SPLITS, -(-TARGET_THREADGROUPS // rows)))
+
+
 def decode_attention(
     queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
 ) -> mx.array:
@@ -72,28 +86,32 @@ def merged_splits_attention(
     B, Hq, Lq, D = queries.shape
     S = keys.shape[2]
     rows = B * Hq * Lq
-    splits = max(1, min(MAX_SPLITS, -(-TARGET_THREADGROUPS // rows), -(-S // MIN_KEYS_PER_SPLIT)))
+    splits = min(_most_splits(rows), max(1, -(-S // MIN_KEYS_PER_SPLIT)))
     has_mask = isinstance(mask, mx.array)
     if has_mask:
         # [Lq, S] or [.., 1, S] masks: broadcasting gives the kernel stride-0 axes to walk.
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         mask = mx.broadcast_to(mask, (mask.shape[0], 1, Lq, S))
     causal = isinstance(mask, str) and Lq > 1  # bottom-right aligned; with one query it is no mask
+    split_names = ("part_acc", "part_ml")
     partial = build(
-        "decode_attention", "decode_attention_partial", ("q", "k", "v", "mask") + ("arrivals",) * fused,
-        ("part_acc", "part_ml") + ("out",) * fused, contiguous=False, defines=(("FUSED_COMBINE", int(fused)),),
+        "decode_attention", "decode_attention_partial",
+        ("q", "k", "v", "mask") + ("arrivals", *split_names) * fused, ("out",) if fused else split_names,
+        contiguous=False, defines=(("FUSED_COMBINE", int(fused)),),
     )
-    part_acc, part_ml, *out = partial(
-        inputs=[queries, keys, values, mask if has_mask else _no_mask()] + [_arrivals(rows)] * fused,
+    launch = dict(
         template=[("T", queries.dtype), ("D", D), ("NSG", SIMDGROUPS), ("HAS_MASK", has_mask), ("CAUSAL", causal),
                   ("MAX_SPLITS", MAX_SPLITS)],
         grid=(splits * SIMDGROUPS * 32, rows, 1),
         threadgroup=(SIMDGROUPS * 32, 1, 1),
-        output_shapes=[(rows, splits, D), (rows, splits, 2)] + [(B, Lq, Hq * D)] * fused,
-        output_dtypes=[mx.float32, mx.float32] + [queries.dtype] * fused,
     )
+    inputs = [queries, keys, values, mask if has_mask else _no_mask()]
     if fused:
-        return out[0]
+        (out,) = partial(inputs=inputs + [_arrivals(rows), *_split_scratch(rows, D)], **launch,
+                         output_shapes=[(B, Lq, Hq * D)], output_dtypes=[queries.dtype])
+        return out
+    part_acc, part_ml = partial(inputs=inputs, **launch, output_shapes=[(rows, splits, D), (rows, splits, 2)],
+                                output_dtypes=[mx.float32, mx.float32])
     combine = build("decode_attention", "decode_attention_combine", ("part_acc", "part_ml"), ("out",))
     (out,) = combine(
         inputs=[part_acc, part_ml],

@@ -62,19 +62,20 @@ def rope_norm(
     D = q_weight.shape[-1]
     hq = _query_heads(x, D, num_kv_heads, k_eq_v)
     heads_out = hq + 2 * num_kv_heads
+    queries_only = not num_kv_heads  # a KV-shared layer: no keys or values outputs
     kernel = build(
-        "rope_norm", "rope_norm", ("x", "q_w", "k_w", "pos", "inv_freq", "params"), ("queries", "keys", "values")
+        "rope_norm", "rope_norm", ("x", "q_w", "k_w", "pos", "inv_freq", "params"),
+        ("queries",) + ("keys", "values") * (not queries_only), defines=(("QUERIES_ONLY", int(queries_only)),),
     )
     threads = max(32, round_up(D // 2, 32))
-    queries, keys, values = kernel(
+    heads = kernel(
         inputs=[x, q_weight, q_weight if k_weight is None else k_weight, _positions(offset, B), rope.inv_freq,
                 scalars(eps)],
         template=[("T", x.dtype), ("D", D), ("TG", threads), ("NQ", hq), ("NKV", num_kv_heads),
                   ("V_FROM_K", k_eq_v)],
         grid=(B * L * heads_out * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        # A KV-shared layer writes queries only: its keys and values hold no heads.
-        output_shapes=[(B, hq, L, D), (B, num_kv_heads, L, D), (B, num_kv_heads, L, D)],
-        output_dtypes=[x.dtype] * 3,
+        output_shapes=[(B, hq, L, D)] + [(B, num_kv_heads, L, D)] * 2 * (not queries_only),
+        output_dtypes=[x.dtype] * (1 if queries_only else 3),
     )
-    return (queries, keys, values) if num_kv_heads else (queries, None, None)
+    return (heads[0], None, None) if queries_only else tuple(heads)

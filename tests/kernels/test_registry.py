@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from mlx_gemma4 import kernels
@@ -92,3 +93,47 @@ def test_norm_residual_declares_only_the_next_norms_asked_for(monkeypatch, next_
     assert spec["source"].startswith(f"#define NEXT_NORMS {next_norms}\n")
     assert spec["name"] == f"gemma4_norm_residual_next_norms{next_norms}"
     assert len(out if next_norms else (out,)) == 1 + next_norms
+
+
+class RecordingBuild:
+    """Stands in for `_source.build` (CPU): records each launch's declared inputs and outputs and
+    returns zeros of the asked shapes."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, file, body, inputs, outputs, contiguous=True, defines=()):
+        def launch(inputs: list, output_shapes, output_dtypes, **_):
+            self.launches.append((declared_inputs, outputs, [a.shape for a in inputs]))
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+        declared_inputs = inputs
+        return launch
+
+
+def test_a_launch_declares_no_output_it_leaves_unread(monkeypatch):
+    """Each output costs MLX's host an allocation a call (bench/host_cost.py): a KV-shared layer's
+    rope_norm writes queries only, and the fused attention's split scratch is a persistent input."""
+    from mlx_gemma4.config import RopeConfig
+    from mlx_gemma4.rope import LayerRoPE
+
+    rope_norm = importlib.import_module("mlx_gemma4.kernels.rope_norm")
+    decode_attention = importlib.import_module("mlx_gemma4.kernels.decode_attention")
+
+    recording = RecordingBuild()
+    monkeypatch.setattr(rope_norm, "build", recording)
+    monkeypatch.setattr(decode_attention, "build", recording)
+    rope = LayerRoPE(RopeConfig("default", 10_000.0, 16), 16)
+    weight = mx.ones((16,))
+    queries, keys, values = rope_norm.rope_norm(mx.zeros((1, 1, 8 * 16)), weight, None, 3, rope, 1e-6, 0)
+    assert recording.launches[-1][1] == ("queries",) and queries.shape == (1, 8, 1, 16) and keys is values is None
+    rope_norm.rope_norm(mx.zeros((1, 1, 12 * 16)), weight, weight, 3, rope, 1e-6, 2)
+    assert recording.launches[-1][1] == ("queries", "keys", "values")
+
+    q, kv = mx.zeros((1, 8, 1, 16)), mx.zeros((1, 2, 40, 16))
+    decode_attention.merged_splits_attention(q, kv, kv, None, fused=True)
+    inputs, outputs, shapes = recording.launches[-1]
+    assert outputs == ("out",) and inputs[-2:] == ("part_acc", "part_ml")
+    splits = decode_attention._most_splits(8)
+    assert shapes[-2:] == [(8 * splits * 16,), (8 * splits * 2,)]
+    decode_attention.merged_splits_attention(q, kv, kv, None, fused=False)
+    assert recording.launches[-2][1] == ("part_acc", "part_ml") and recording.launches[-1][1] == ("out",)
