@@ -86,8 +86,8 @@ def chains(nodes: int) -> dict:
 
 
 # (inputs, outputs) of a trivial kernel: does a node's host cost grow with the arrays it takes?
-# (Session 16: a fused projection + norm_residual launch of 13 inputs and 2-3 outputs cost the
-# host about what the two launches it replaced did.)
+# Session 17, H100, mlx 0.32.4: about 0.2 us an input and 2.4 us an output (4.5 us for 1 in 1 out,
+# 6.9 for 12 in, 11.7 for 4 out), so a launch should declare no output it can do without.
 ARITIES = [(1, 1), (4, 1), (8, 1), (12, 1), (1, 4), (12, 4)]
 
 
