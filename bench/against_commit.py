@@ -1,7 +1,8 @@
 """Ours against an earlier version of ours, in ONE process on ONE set of random weights: decode
 tok/s, the host's ms a decode step and time to the first token in interleaved trials, and the
-graph nodes of each one's compiled decode step. Host-bound speed spreads widely between processes on the lent GPU hosts,
-so a change is judged this way, not by two runs of compare_mlx_lm.py.
+graph nodes of each one's compiled decode step. Host-bound speed spreads widely between
+processes on the lent GPU hosts, so a change is judged this way, not by two runs of
+compare_mlx_lm.py.
 
     python bench/against_commit.py --base 7cbe15b --model e2b --quant bf16 [--trials 5]
     python bench/against_commit.py --base-dir DIR ...   # DIR: `git archive REV mlx_gemma4 metal convert` unpacked

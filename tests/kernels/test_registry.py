@@ -61,32 +61,42 @@ def test_shim_is_cuda_only_and_bodies_stay_metal():
             assert cuda_only not in text, f"{name}.metal uses CUDA's {cuda_only}: write Metal, the shim maps it"
 
 
-@pytest.mark.parametrize("next_norms", [0, 1, 3])
-def test_norm_residual_declares_only_the_next_norms_asked_for(monkeypatch, next_norms):
-    """Each declared output costs the host time on every call, so a launch declares only the
-    next norms it writes; the body's `#if NEXT_NORMS` parts follow a #define before it, and
-    the define names the kernel (MLX caches compiled kernels by name)."""
-    import mlx.core as mx
-
-    from mlx_gemma4.kernels import _source, norm_residual
+@pytest.fixture
+def cuda_builds(monkeypatch):
+    """Kernels built as on CUDA, on any machine: the specs handed to `mx.fast.cuda_kernel`, each
+    with the arrays of its launches ("launched"); a launch returns zeros of its output shapes."""
+    from mlx_gemma4.kernels import _source
 
     built = []
 
     def record(**spec):
+        spec["launched"] = []
         built.append(spec)
-        return lambda inputs, output_shapes, output_dtypes, **launch: [mx.zeros(s, d) for s, d in
-                                                                        zip(output_shapes, output_dtypes)]
+
+        def launch(inputs, output_shapes, output_dtypes, **_):
+            spec["launched"].append(inputs)
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return launch
 
     monkeypatch.setattr(_source, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(mx.fast, "cuda_kernel", record)
     _source.build.cache_clear()
-    try:
-        x = mx.ones((1, 2, 64))
-        weights = tuple(mx.ones((64,)) for _ in range(next_norms))
-        out = norm_residual(x, x[0, 0], x, None, 1e-6, weights[0] if next_norms == 1 else (weights or None))
-    finally:
-        _source.build.cache_clear()
-    (spec,) = built
+    yield built
+    _source.build.cache_clear()
+
+
+@pytest.mark.parametrize("next_norms", [0, 1, 3])
+def test_norm_residual_declares_only_the_next_norms_asked_for(cuda_builds, next_norms):
+    """Each declared output costs the host time on every call (bench/host_cost.py: about 2.4 us
+    on an H100), so a launch declares only the next norms it writes; the body's `#if NEXT_NORMS`
+    parts follow a #define before it, and the define names the kernel (MLX caches compiled
+    kernels by name)."""
+    from mlx_gemma4.kernels import norm_residual
+
+    x = mx.ones((1, 2, 64))
+    weights = tuple(mx.ones((64,)) for _ in range(next_norms))
+    out = norm_residual(x, x[0, 0], x, None, 1e-6, weights[0] if next_norms == 1 else (weights or None))
+    (spec,) = cuda_builds
     assert spec["output_names"] == ["out", "normed", "normed_2", "normed_3"][: 1 + next_norms]
     assert spec["input_names"] == ["x", "w", "residual", "scale", *["next_w", "next_w_2", "next_w_3"][:next_norms],
                                    "params"]
@@ -95,45 +105,40 @@ def test_norm_residual_declares_only_the_next_norms_asked_for(monkeypatch, next_
     assert len(out if next_norms else (out,)) == 1 + next_norms
 
 
-class RecordingBuild:
-    """Stands in for `_source.build` (CPU): records each launch's declared inputs and outputs and
-    returns zeros of the asked shapes."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __call__(self, file, body, inputs, outputs, contiguous=True, defines=()):
-        def launch(inputs: list, output_shapes, output_dtypes, **_):
-            self.launches.append((declared_inputs, outputs, [a.shape for a in inputs]))
-            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
-        declared_inputs = inputs
-        return launch
-
-
-def test_a_launch_declares_no_output_it_leaves_unread(monkeypatch):
-    """Each output costs MLX's host an allocation a call (bench/host_cost.py): a KV-shared layer's
-    rope_norm writes queries only, and the fused attention's split scratch is a persistent input."""
+@pytest.mark.parametrize("kv_heads", [0, 2])
+def test_rope_norm_declares_keys_and_values_only_where_it_writes_them(cuda_builds, kv_heads):
+    """A KV-shared layer (no kv heads) builds rope_norm with the queries output alone."""
     from mlx_gemma4.config import RopeConfig
+    from mlx_gemma4.kernels import rope_norm
     from mlx_gemma4.rope import LayerRoPE
 
-    rope_norm = importlib.import_module("mlx_gemma4.kernels.rope_norm")
-    decode_attention = importlib.import_module("mlx_gemma4.kernels.decode_attention")
-
-    recording = RecordingBuild()
-    monkeypatch.setattr(rope_norm, "build", recording)
-    monkeypatch.setattr(decode_attention, "build", recording)
-    rope = LayerRoPE(RopeConfig("default", 10_000.0, 16), 16)
     weight = mx.ones((16,))
-    queries, keys, values = rope_norm.rope_norm(mx.zeros((1, 1, 8 * 16)), weight, None, 3, rope, 1e-6, 0)
-    assert recording.launches[-1][1] == ("queries",) and queries.shape == (1, 8, 1, 16) and keys is values is None
-    rope_norm.rope_norm(mx.zeros((1, 1, 12 * 16)), weight, weight, 3, rope, 1e-6, 2)
-    assert recording.launches[-1][1] == ("queries", "keys", "values")
+    rope = LayerRoPE(RopeConfig("default", 10_000.0, 16), 16)
+    x = mx.zeros((1, 1, (8 + 2 * kv_heads) * 16))
+    queries, keys, values = rope_norm(x, weight, weight if kv_heads else None, 3, rope, 1e-6, kv_heads)
+    (spec,) = cuda_builds
+    assert spec["output_names"] == ["queries", "keys", "values"][: 3 if kv_heads else 1]
+    assert spec["source"].startswith(f"#define QUERIES_ONLY {int(not kv_heads)}\n")
+    assert queries.shape == (1, 8, 1, 16)
+    assert (keys is values is None) if not kv_heads else keys.shape == values.shape == (1, kv_heads, 1, 16)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_attention_keeps_its_split_scratch_in_inputs(cuda_builds, fused):
+    """FUSED_COMBINE writes out alone; the splits go to scratch inputs sized for the most splits
+    its rows take, the same arrays every call."""
+    from mlx_gemma4.kernels.decode_attention import _most_splits, merged_splits_attention
 
     q, kv = mx.zeros((1, 8, 1, 16)), mx.zeros((1, 2, 40, 16))
-    decode_attention.merged_splits_attention(q, kv, kv, None, fused=True)
-    inputs, outputs, shapes = recording.launches[-1]
-    assert outputs == ("out",) and inputs[-2:] == ("part_acc", "part_ml")
-    splits = decode_attention._most_splits(8)
-    assert shapes[-2:] == [(8 * splits * 16,), (8 * splits * 2,)]
-    decode_attention.merged_splits_attention(q, kv, kv, None, fused=False)
-    assert recording.launches[-2][1] == ("part_acc", "part_ml") and recording.launches[-1][1] == ("out",)
+    for _ in range(2):
+        merged_splits_attention(q, kv, kv, None, fused)
+    partial = cuda_builds[0]
+    splits = ["part_acc", "part_ml"]
+    assert partial["output_names"] == (["out"] if fused else splits)
+    assert partial["input_names"] == ["q", "k", "v", "mask"] + (["arrivals", *splits] if fused else [])
+    if fused:
+        first, second = partial["launched"]
+        assert [a.shape for a in first[-2:]] == [(8 * _most_splits(8) * 16,), (8 * _most_splits(8) * 2,)]
+        assert all(a is b for a, b in zip(first[-3:], second[-3:]))
+    else:
+        assert cuda_builds[1]["input_names"] == splits and cuda_builds[1]["output_names"] == ["out"]
