@@ -76,8 +76,9 @@ def build(package, text: dict, tensors: dict, bits: int | None):
     return importlib.import_module(f"{package.__name__}.load").model_from_weights(config, dict(tensors))
 
 
-def step_nodes(package, model) -> collections.Counter:
-    """Graph nodes of one compiled decode step after a 64-token prompt, by primitive."""
+def step_nodes(package, model) -> tuple[collections.Counter, int]:
+    """Graph nodes of one compiled decode step after a 64-token prompt, by primitive, and the
+    arrays they write (each output costs MLX's host an allocation: bench/host_cost.py)."""
     generate = importlib.import_module(f"{package.__name__}.generate")
     cache = model.make_cache()
     generate.prefill_only(model, mx.array([[5] * 64]), cache, 2048)
@@ -87,9 +88,12 @@ def step_nodes(package, model) -> collections.Counter:
     logits = step(token, cache)
     with tempfile.NamedTemporaryFile("r", suffix=".dot") as dot:
         mx.export_to_dot(dot.name, logits, *[a for c in cache for a in (c.keys, c.values)])
-        labels = re.findall(r'label ="([^"]*)"', Path(dot.name).read_text())
+        graph = Path(dot.name).read_text()
     mx.eval(logits)
-    return collections.Counter(labels)
+    labels = dict(re.findall(r'\{ (\d+) \[label ="([^"]*)"', graph))
+    # Edges leave a node for each array it writes: `ID -> "NAME"`.
+    outputs = sum(source in labels for source in re.findall(r'^(\d+) -> "', graph, re.M))
+    return collections.Counter(labels.values()), outputs
 
 
 def decode_tok_s(package, model, prompt: mx.array, tokens: int) -> float:
@@ -160,8 +164,8 @@ def main():
         del tensors
         print(f"{args.model} {args.quant}, {mx.default_device()}, mlx {mx.__version__}, base {args.base or tree}")
         nodes = {name: step_nodes(*run) for name, run in runs.items()}
-        for name, counts in nodes.items():
-            print(f"{name}: {sum(counts.values())} nodes a decode step; "
+        for name, (counts, outputs) in nodes.items():
+            print(f"{name}: {sum(counts.values())} nodes writing {outputs} arrays a decode step; "
                   + ", ".join(f"{kind} {n}" for kind, n in counts.most_common(8)))
         prompt = mx.random.randint(10, text["vocab_size"], (512,), key=mx.random.key(1)).astype(mx.int32)
         first = {name: list(package.generate_tokens(model, prompt, max_tokens=16, stop_ids=[]))
