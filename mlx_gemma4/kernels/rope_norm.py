@@ -63,9 +63,10 @@ def rope_norm(
     hq = _query_heads(x, D, num_kv_heads, k_eq_v)
     heads_out = hq + 2 * num_kv_heads
     queries_only = not num_kv_heads  # a KV-shared layer: no keys or values outputs
+    output_shapes = [(B, hq, L, D)] + [(B, num_kv_heads, L, D)] * 2 * (not queries_only)
     kernel = build(
         "rope_norm", "rope_norm", ("x", "q_w", "k_w", "pos", "inv_freq", "params"),
-        ("queries",) + ("keys", "values") * (not queries_only), defines=(("QUERIES_ONLY", int(queries_only)),),
+        ("queries", "keys", "values")[: len(output_shapes)], defines=(("QUERIES_ONLY", int(queries_only)),),
     )
     threads = max(32, round_up(D // 2, 32))
     heads = kernel(
@@ -75,7 +76,7 @@ def rope_norm(
                   ("V_FROM_K", k_eq_v)],
         grid=(B * L * heads_out * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(B, hq, L, D)] + [(B, num_kv_heads, L, D)] * 2 * (not queries_only),
-        output_dtypes=[x.dtype] * (1 if queries_only else 3),
+        output_shapes=output_shapes,
+        output_dtypes=[x.dtype] * len(output_shapes),
     )
     return (heads[0], None, None) if queries_only else tuple(heads)
