@@ -80,31 +80,57 @@ GEMMA_FN void load_floats(const DEV_ADDR T* src, THREAD_ADDR float* dst) {
   }
 }
 
+// PT consecutive values of T at src[first, first + PT) as floats, 0 at and past `limit`: as
+// 16-byte words where VEC (T is bfloat16, first and PT multiples of 8, src 16-byte aligned) and
+// the span lies before `limit`, value by value otherwise.
+template <int PT, bool VEC, typename T>
+GEMMA_FN void load_span(const DEV_ADDR T* src, int first, int limit, THREAD_ADDR float* dst) {
+  if (VEC && first + PT <= limit) {
+    load_floats<T, PT, true>(src + first, dst);
+  } else {
+    for (int j = 0; j < PT; j++) {
+      dst[j] = first + j < limit ? static_cast<float>(src[first + j]) : 0.0f;
+    }
+  }
+}
+
 // Merges one row's flash-decoding splits into out[0, D): split s left its (max, sum) at
 // ml[2 s], ml[2 s + 1] and its unnormalised acc at acc[s D, (s + 1) D). TG threads of one
-// threadgroup call it; `weight` holds nsplit floats of threadgroup memory. P is a float pointer:
-// volatile where other threadgroups of the same launch wrote the splits (the fused combine).
+// threadgroup call it; `weight` holds nsplit floats of threadgroup memory, `buf` TG / 32. P is a
+// float pointer: volatile where other threadgroups of the same launch wrote the splits (the fused
+// combine). Thread s reads split s's (max, sum), and the acc reads go out SPLITS_IN_FLIGHT at a
+// time: a read per split in turn waited on memory for each.
 template <typename T, int D, int TG, typename P>
-GEMMA_FN void combine_splits(P ml, P acc, int nsplit, DEV_ADDR T* out, TG_ADDR float* weight, uint t) {
-  // Every thread finds the row's max and sum (nsplit reads, from cache).
-  float row_max = GEMMA_NEG_BIG;
-  for (int s = 0; s < nsplit; s++) {
-    row_max = metal::max(row_max, ml[2 * s]);
-  }
-  float total = 0.0f;
-  for (int s = 0; s < nsplit; s++) {
-    total += ml[2 * s + 1] * metal::exp(ml[2 * s] - row_max);
-  }
-  float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: 0, not NaN
+GEMMA_FN void combine_splits(P ml, P acc, int nsplit, DEV_ADDR T* out, TG_ADDR float* weight, TG_ADDR float* buf,
+                             uint t) {
+  constexpr int SPLITS_IN_FLIGHT = 8;
+  uint lane = t % 32;
+  uint sg = t / 32;
+  float split_max = GEMMA_NEG_BIG;
   for (int s = int(t); s < nsplit; s += TG) {
-    weight[s] = metal::exp(ml[2 * s] - row_max) * inv;
+    weight[s] = ml[2 * s];
+    split_max = metal::max(split_max, weight[s]);
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float row_max = block_max<TG / 32>(split_max, buf, lane, sg);
+  float split_total = 0.0f;
+  for (int s = int(t); s < nsplit; s += TG) {
+    weight[s] = metal::exp(weight[s] - row_max);
+    split_total += ml[2 * s + 1] * weight[s];
+  }
+  float total = block_sum<TG / 32>(split_total, buf, lane, sg);
+  float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: 0, not NaN
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // every split's weight is written
   for (int d = int(t); d < D; d += TG) {
     float a = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-      a += acc[s * D + d] * weight[s];
+    for (int s0 = 0; s0 < nsplit; s0 += SPLITS_IN_FLIGHT) {
+      float parts[SPLITS_IN_FLIGHT];
+      for (int u = 0; u < SPLITS_IN_FLIGHT; u++) {
+        parts[u] = s0 + u < nsplit ? acc[(s0 + u) * D + d] : 0.0f;
+      }
+      for (int u = 0; u < SPLITS_IN_FLIGHT; u++) {
+        a += s0 + u < nsplit ? parts[u] * weight[s0 + u] : 0.0f;
+      }
     }
-    out[d] = static_cast<T>(a);
+    out[d] = static_cast<T>(a * inv);
   }
 }

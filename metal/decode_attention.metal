@@ -3,16 +3,16 @@
 // cache's slice, a wrapped sliding ring, or a KV-shared layer's source arrays). Scale 1.0
 // (Gemma 4's q/k norms replace 1/sqrt(D)); GQA; head_dim up to 512; softmax in float32.
 // Masks as the caches build them: none, "causal" (bottom-right aligned), or boolean
-// [B or 1, 1, Lq, S] (ring-buffer order, window, left padding); a masked key is skipped, so
-// its V is never read and a row with no visible key comes out 0.
+// [B or 1, 1, Lq, S] (ring-buffer order, window, left padding); a masked key's K and V are read
+// but never used, so whatever its slot holds, and a row with no visible key comes out 0.
 //
 // Two passes (split-K "flash decoding"): the keys are cut into NSPLIT = threadgroups_per_grid.x
 // chunks so that even one query row fills the GPU.
 //   partial: grid (NSPLIT * 32 * NSG, rows); row = (b * Hq + hq) * Lq + lq. Each simdgroup walks
-//     the chunk's keys with stride NSG, keeping an online softmax (max, sum, acc[D] spread as
-//     EPT = D/32 values per lane, lane-interleaved: element i * 32 + lane, so each load
-//     instruction of a simdgroup reads one contiguous 64-128 byte span); the NSG states merge in threadgroup memory and the split's
-//     (max, sum) and unnormalised acc go to part_ml [rows, NSPLIT, 2], part_acc [rows, NSPLIT, D].
+//     the chunk's keys KB at a time (blocks NSG apart), keeping an online softmax (max, sum,
+//     acc[D] spread as EPT = D/32 consecutive values per lane, read as 16-byte words where VEC);
+//     the NSG states merge in threadgroup memory and the split's (max, sum) and unnormalised acc
+//     go to part_ml [rows, NSPLIT, 2], part_acc [rows, NSPLIT, D].
 //   combine: grid (rows * TG); merges the NSPLIT states of a row and writes out [B, Lq, Hq * D],
 //     the layout the output projection reads.
 // FUSED_COMBINE (a define; CUDA only, for cuda_compat.h's arrive_last): the partial pass combines too.
@@ -20,10 +20,14 @@
 //   finishes its row last merges it and writes out: one launch a call instead of two. part_acc and
 //   part_ml are then inputs, scratch that persists between launches (each output costs MLX's host
 //   a buffer a call), written through a cast.
-// Templates: T, D, NSG, HAS_MASK, CAUSAL, MAX_SPLITS (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).
+// Templates: T, D, NSG, HAS_MASK, CAUSAL, MAX_SPLITS, VEC (bfloat16 rows, EPT a multiple of 8)
+// (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).
 
 // @kernel decode_attention_partial
   constexpr int EPT = (D + 31) / 32;
+  // Keys a simdgroup loads before it uses any: their K and V rows are in flight together, as a
+  // walk of one key at a time waited on memory for every key.
+  constexpr int KB = EPT <= 8 ? 4 : 2;
   uint split = threadgroup_position_in_grid.x;
   uint nsplit = threadgroups_per_grid.x;
   uint row = threadgroup_position_in_grid.y;
@@ -56,11 +60,12 @@
   }
   int last_visible = S - Lq + lq;  // "causal": query lq sits at key S - Lq + lq
 
+  // Lane `lane` holds elements [lane * EPT, lane * EPT + EPT) of q, of each K and V row and of acc.
+  int span = int(lane) * EPT;
   float qv[EPT];
   float acc[EPT];
+  load_span<EPT, VEC>(qp, span, D, qv);
   for (int i = 0; i < EPT; i++) {
-    int d = i * 32 + int(lane);
-    qv[i] = d < D ? static_cast<float>(qp[d]) : 0.0f;
     acc[i] = 0.0f;
   }
   float m = GEMMA_NEG_BIG;
@@ -69,28 +74,49 @@
   int chunk = (S + int(nsplit) - 1) / int(nsplit);
   int start = int(split) * chunk;
   int stop = metal::min(S, start + chunk);
-  for (int j = start + int(sg); j < stop; j += NSG) {
-    if (HAS_MASK && !mask[mask_base + j * mask_step]) {
-      continue;  // uniform across the simdgroup
+  for (int j0 = start + int(sg) * KB; j0 < stop; j0 += NSG * KB) {
+    // A key past the chunk or hidden by the mask is loaded (from a row inside the buffer) but
+    // never used, so its values, whatever they hold, reach neither the max nor acc.
+    bool live[KB];
+    float kv[KB][EPT];
+    float vv[KB][EPT];
+    for (int u = 0; u < KB; u++) {
+      int j = metal::min(j0 + u, stop - 1);
+      live[u] = j0 + u < stop;
+      if (HAS_MASK) {
+        live[u] = live[u] && mask[mask_base + j * mask_step];
+      }
+      if (CAUSAL) {
+        live[u] = live[u] && j <= last_visible;
+      }
+      load_span<EPT, VEC>(kp + j * k_row, span, D, kv[u]);
+      load_span<EPT, VEC>(vp + j * v_row, span, D, vv[u]);
     }
-    if (CAUSAL && j > last_visible) {
-      continue;
+    float s[KB];
+    for (int u = 0; u < KB; u++) {
+      s[u] = 0.0f;
+      for (int i = 0; i < EPT; i++) {
+        s[u] += qv[i] * kv[u][i];
+      }
     }
-    const device T* kr = kp + j * k_row;
-    float s = 0.0f;
-    for (int i = 0; i < EPT; i++) {
-      int d = i * 32 + int(lane);
-      s += d < D ? qv[i] * static_cast<float>(kr[d]) : 0.0f;
+    float m_new = m;
+    for (int u = 0; u < KB; u++) {
+      s[u] = simd_sum(s[u]);
+      m_new = live[u] ? metal::max(m_new, s[u]) : m_new;
     }
-    s = simd_sum(s);
-    float m_new = metal::max(m, s);
     float corr = metal::exp(m - m_new);
-    float p = metal::exp(s - m_new);
-    l = l * corr + p;
-    const device T* vr = vp + j * v_row;
+    l *= corr;
     for (int i = 0; i < EPT; i++) {
-      int d = i * 32 + int(lane);
-      acc[i] = acc[i] * corr + (d < D ? p * static_cast<float>(vr[d]) : 0.0f);
+      acc[i] *= corr;
+    }
+    for (int u = 0; u < KB; u++) {
+      if (live[u]) {  // uniform across the simdgroup
+        float p = metal::exp(s[u] - m_new);
+        l += p;
+        for (int i = 0; i < EPT; i++) {
+          acc[i] += p * vv[u][i];
+        }
+      }
     }
     m = m_new;
   }
@@ -101,9 +127,8 @@
     sm_l[sg] = l;
   }
   for (int i = 0; i < EPT; i++) {
-    int d = i * 32 + int(lane);
-    if (d < D) {
-      sm_acc[sg * D + d] = acc[i];
+    if (span + i < D) {
+      sm_acc[sg * D + span + i] = acc[i];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -147,7 +172,7 @@
     const volatile device float* row_ml = part_ml + size_t(row) * nsplit * 2;
     const volatile device float* row_acc = part_acc + size_t(row) * nsplit * D;
     size_t out_base = ((size_t(b) * Lq + lq) * Hq + hq) * D;
-    combine_splits<T, D, NSG * 32>(row_ml, row_acc, int(nsplit), out + out_base, weight, t);
+    combine_splits<T, D, NSG * 32>(row_ml, row_acc, int(nsplit), out + out_base, weight, sm_m, t);
   }
 #endif
 
@@ -155,8 +180,10 @@
   uint row = threadgroup_position_in_grid.x;
   int nsplit = part_ml_shape[1];
   threadgroup float weight[MAX_SPLITS];
+  threadgroup float buf[TG / 32];
   // row = (b * HQ + head) * LQ + query -> out[b, query, head, :]
   uint head = (row / LQ) % HQ;
   size_t out_base = ((size_t(row / (LQ * HQ)) * LQ + row % LQ) * HQ + head) * D;
   combine_splits<T, D, TG>(part_ml + size_t(row) * nsplit * 2, part_acc + size_t(row) * nsplit * D, nsplit,
-                           out + out_base, weight, thread_position_in_threadgroup.x);
+                           out + out_base, weight, buf,
+                           thread_position_in_threadgroup.x);

@@ -12,8 +12,9 @@
 // NEXT_NORMS (0-3) is a #define the wrapper puts before the body: the inputs and outputs a
 // build lacks must not be named at all.
 // Grid: one threadgroup of TG threads per row (TG a multiple of 32, TG <= 1024); each thread
-// keeps its PER_THREAD = ceil(N / TG) outputs in registers for the second norm.
-// Templates: T, N, TG, HAS_SCALE. Rounding follows the twin: normed value, sum and product are
+// keeps its PER_THREAD = ceil(N / TG) consecutive values in registers for the second norm.
+// Templates: T, N, TG, HAS_SCALE, VEC (T is bfloat16 and N, PER_THREAD multiples of 8: rows and
+// spans are read as 16-byte words), W_BF16 (w and next_w are bfloat16: read so too where VEC). Rounding follows the twin: normed value, sum and product are
 // each stored in T.
 
 // @kernel norm_residual
@@ -24,35 +25,47 @@
   uint sg = simdgroup_index_in_threadgroup;
   threadgroup float buf[32];
 
+  // Each thread owns PER_THREAD consecutive values and loads every input before the first
+  // reduction: one wait on memory a launch, not one per phase (a launch is a single threadgroup,
+  // so that latency is its whole time).
   size_t base = size_t(row) * N;
-  float ss = 0.0f;
-  for (uint i = t; i < uint(N); i += TG) {
-    float v = static_cast<float>(x[base + i]);
-    ss += v * v;
-  }
-  ss = block_sum<TG / 32>(ss, buf, lane, sg);
-  float r = metal::precise::rsqrt(ss / float(N) + params[0]);
+  int first = int(t) * PER_THREAD;
+  float xs[PER_THREAD];
+  float res[PER_THREAD];
+  float ws[PER_THREAD];
+  load_span<PER_THREAD, VEC>(x + base, first, N, xs);
+  load_span<PER_THREAD, VEC>(residual + base, first, N, res);
+  load_span<PER_THREAD, VEC && W_BF16>(w, first, N, ws);
+#if NEXT_NORMS > 0
+  float next_ws[PER_THREAD];
+  load_span<PER_THREAD, VEC && W_BF16>(next_w, first, N, next_ws);
+#endif
+  float eps = params[0];
   float sc = HAS_SCALE ? static_cast<float>(scale[0]) : 1.0f;
-  float kept[PER_THREAD];
+  float ss = 0.0f;
+  for (int k = 0; k < PER_THREAD; k++) {
+    ss += xs[k] * xs[k];
+  }
+  float r = metal::precise::rsqrt(block_sum<TG / 32>(ss, buf, lane, sg) / float(N) + eps);
   float ss_out = 0.0f;
   for (int k = 0; k < PER_THREAD; k++) {
-    uint i = t + uint(k) * TG;
-    if (i < uint(N)) {
-      float n = round_to<T>(static_cast<float>(x[base + i]) * r * static_cast<float>(w[i]));
-      float h = round_to<T>(static_cast<float>(residual[base + i]) + n);
+    int i = first + k;
+    if (i < N) {
+      float n = round_to<T>(xs[k] * r * ws[k]);
+      float h = round_to<T>(res[k] + n);
       h = HAS_SCALE ? round_to<T>(h * sc) : h;
       out[base + i] = static_cast<T>(h);
-      kept[k] = h;
+      xs[k] = h;
       ss_out += h * h;
     }
   }
 #if NEXT_NORMS > 0
-  float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + params[0]);
+  float r_out = metal::precise::rsqrt(block_sum<TG / 32>(ss_out, buf, lane, sg) / float(N) + eps);
   for (int k = 0; k < PER_THREAD; k++) {
-    uint i = t + uint(k) * TG;
-    if (i < uint(N)) {
-      float v = kept[k] * r_out;
-      normed[base + i] = static_cast<T>(v * static_cast<float>(next_w[i]));
+    int i = first + k;
+    if (i < N) {
+      float v = xs[k] * r_out;
+      normed[base + i] = static_cast<T>(v * next_ws[k]);
 #if NEXT_NORMS > 1
       normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
 #endif

@@ -70,6 +70,13 @@ def _most_splits(rows: int) -> int:
     return max(1, min(MAX_SPLITS, -(-TARGET_THREADGROUPS // rows)))
 
 
+def _reads_words(dtype: mx.Dtype, head_dim: int) -> bool:
+    """Whether each lane reads its span of a row as 16-byte words: bfloat16 spans of a multiple of
+    8 values (head_dim 256 and 512). Every stride but the last is then a multiple of head_dim,
+    so each row starts 16-byte aligned."""
+    return dtype == mx.bfloat16 and head_dim % 8 == 0 and -(-head_dim // 32) % 8 == 0
+
+
 def decode_attention(
     queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
 ) -> mx.array:
@@ -101,7 +108,7 @@ def merged_splits_attention(
     )
     launch = dict(
         template=[("T", queries.dtype), ("D", D), ("NSG", SIMDGROUPS), ("HAS_MASK", has_mask), ("CAUSAL", causal),
-                  ("MAX_SPLITS", MAX_SPLITS)],
+                  ("MAX_SPLITS", MAX_SPLITS), ("VEC", _reads_words(queries.dtype, D))],
         grid=(splits * SIMDGROUPS * 32, rows, 1),
         threadgroup=(SIMDGROUPS * 32, 1, 1),
     )

@@ -53,9 +53,13 @@ def _run(body: str, leading: dict[str, mx.array], weight: mx.array, residual: mx
     )
     # About 8 elements a thread, whole simdgroups, at most 1024 threads.
     threads = min(1024, max(32, round_up(N // 8, 32)))
+    per_thread = -(-N // threads)
+    vector = residual.dtype == mx.bfloat16 and N % 8 == 0 and per_thread % 8 == 0
+    weights_bf16 = all(w.dtype == mx.bfloat16 for w in (weight, *next_weights))
     outputs = kernel(
         inputs=[*leading.values(), weight, residual, weight if scale is None else scale, *next_weights, scalars(eps)],
-        template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None), *template],
+        template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None),
+                  ("VEC", vector), ("W_BF16", weights_bf16), *template],
         grid=(residual.size // N * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[residual.shape] * (1 + count),

@@ -87,3 +87,18 @@ def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
             out = merged_splits_attention(q, keys, values, mask, fused)
             assert_close(out, oracle(q, keys, values, mask), dtype, f"decode_attention[fused={fused} {kind} @{offset}]")
         assert not _arrivals(batch * heads).any().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [256, 512, 32])
+def test_hidden_keys_never_reach_the_output(dtype, head_dim):
+    """A key the mask hides may hold anything (a ring slot not yet written, left padding): the
+    kernel reads such rows along with their neighbours, and NaN there must change nothing."""
+    length, hidden = 100, 13
+    q = random((1, 8, 1, head_dim), dtype, 3.0**0.5 * head_dim**-0.25, seed=1)
+    k = random((1, 1, length, head_dim), dtype, 3.0**0.5 * head_dim**-0.25, seed=2)
+    v = random((1, 1, length, head_dim), dtype, seed=3)
+    visible = (mx.arange(length) >= hidden).reshape(1, 1, 1, length)
+    poisoned = [mx.where(visible.reshape(1, 1, length, 1), a, mx.nan) for a in (k, v)]
+    out = decode_attention(q, *poisoned, visible)
+    assert_close(out, oracle(q, k, v, visible), dtype, f"decode_attention[hidden NaN D{head_dim}]")
