@@ -10,6 +10,8 @@
 // inv_freq is 0 on pairs that pass through (proportional partial RoPE), which rotates them by exactly 0.
 // Templates: T (dtype), D (head_dim), TG, NQ, NKV, V_FROM_K. QUERIES_ONLY (a define, NKV = 0):
 // the build without the keys and values outputs, as each output costs MLX's host a buffer.
+// INTO_CACHE (a define with QUERIES_ONLY; CUDA only, one query): K and V go into the inputs
+// k_cache, v_cache [B, NKV, slots, D] at slot int32 [1] in place of a scatter launch each.
 // Inputs: x, q_w [D], k_w [D], pos int32 [B], inv_freq float32 [2, D/2] (value, remainder),
 // params float32 [eps].
 
@@ -67,11 +69,17 @@
   }
   uint section_head = is_v ? head - NQ - NKV : (is_k ? head - NQ : head);
   uint section_heads = (is_v || is_k) ? uint(NKV) : uint(NQ);
-#if QUERIES_ONLY
+#if INTO_CACHE
+  // K and V go to slot[0] of the cache buffers, [B, NKV, slots, D], written through a cast (L = 1).
+  device T* out = is_v ? const_cast<device T*>(v_cache) : (is_k ? const_cast<device T*>(k_cache) : queries);
+  size_t out_base = is_v || is_k ? ((size_t(b) * NKV + section_head) * size_t(k_cache_shape[2]) + size_t(slot[0])) * D
+                                 : ((size_t(b) * NQ + head) * L + l) * D;
+#elif QUERIES_ONLY
   device T* out = queries;
+  size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
 #else
   device T* out = is_v ? values : (is_k ? keys : queries);
-#endif
   size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
+#endif
   out[out_base + t] = static_cast<T>(o1);
   out[out_base + t + HALF] = static_cast<T>(o2);

@@ -234,14 +234,14 @@ class SlidingKVCache(_PaddedCache):
         return [] if self.keys is None else (self.keys, self.values)
 
     def snapshot(self) -> tuple:
-        # New array handles: later writes into the ring copy the buffers once instead of
-        # overwriting what the snapshot holds.
-        buffers = () if self.keys is None else (mx.array(self.keys), mx.array(self.values))
+        # Copies, made now: decode may write the ring's slots in place (kernels.rope_norm), which
+        # a second handle to the same buffer would see.
+        buffers = () if self.keys is None else _copied((self.keys, self.values))
         return buffers, self.offset, self.lowest
 
     def restore(self, snapshot: tuple):
         buffers, self.offset, self.lowest = snapshot
-        self.keys, self.values = buffers if buffers else (None, None)
+        self.keys, self.values = _copied(buffers) if buffers else (None, None)  # the snapshot stays as taken
 
     def to_saved(self) -> tuple[dict, dict]:
         arrays = dict(zip(("keys", "values"), self.state))
@@ -255,6 +255,12 @@ class SlidingKVCache(_PaddedCache):
             cache.keys, cache.values = arrays["keys"], arrays["values"]
             cache.offset, cache.lowest = meta["offset"], meta["lowest"]
         return cache
+
+
+def _copied(buffers: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+    copies = tuple(mx.array(b) for b in buffers)
+    mx.async_eval(copies)  # queued before any later step's writes
+    return copies
 
 
 class StepView:
@@ -277,8 +283,11 @@ class StepView:
         cache._ensure_slots(cache.keys, cache.offset + 1)
 
     @staticmethod
-    def commit(cache: _PaddedCache, keys: mx.array, values: mx.array):
-        cache.keys, cache.values = keys, values
+    def commit(cache: _PaddedCache, buffers: tuple[mx.array, mx.array] | None):
+        """Advance `cache` by the step's token; `buffers`: the step's new K/V buffers, None where
+        rope_norm wrote into the cache's own."""
+        if buffers is not None:
+            cache.keys, cache.values = buffers
         cache.offset += 1
         if isinstance(cache, SlidingKVCache):
             cache.lowest = max(cache.lowest, cache.offset - cache.capacity)
@@ -293,15 +302,15 @@ class StepView:
         held = self.position - mx.remainder(self.position - slots, self.capacity)  # position in each slot
         return ((held >= self.lowest) & (held > self.position - self.window))[None, None, None, :]
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def step_slot(self) -> tuple[mx.array, mx.array, mx.array]:
+        """(keys buffer, values buffer, slot) for `rope_norm(..., into=)`, which writes the new
+        K and V there; `store` takes the buffers it returns."""
         slot = self.position if self.capacity is None else mx.remainder(self.position, self.capacity)
-        # A scatter, not `slice_update`: MLX's CUDA slice update at an array position runs a thread
-        # for every element of the buffer (about 35 us a write on the 31B's rings, 4 ms a step on an
-        # H100), the scatter one for each element written (6 us).
-        slot = slot.reshape(1, 1, 1, 1)
-        self.keys = mx.put_along_axis(self.keys, slot, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, slot, values, axis=2)
-        return self.keys, self.values
+        return self.keys, self.values, slot
+
+    def store(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 PROMPT_CACHE_FORMAT = "mlx_gemma4.prompt_cache"

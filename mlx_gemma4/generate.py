@@ -156,6 +156,7 @@ class CompiledDecode:
         model.keep_transposed_weights()  # fewer graph nodes per step (model.Linear)
         model.keep_scalars_off_the_small_pool()
         self._cache: list = []  # the caches being traced; their kinds and windows shape the graph
+        self._replaced: list[int] = []  # set by each trace
         self._step = mx.compile(self._traced)
 
     @staticmethod
@@ -173,7 +174,10 @@ class CompiledDecode:
     def _traced(self, token, position, lowest, buffers):
         views = [StepView(c, keys, values, position, lowest) for c, (keys, values) in zip(self._cache, buffers)]
         logits = self.model(token, views)[:, -1]
-        return logits, [(v.keys, v.values) for v in views]
+        # Caches whose buffers the step replaced; the others took the new K/V in place (rope_norm).
+        # The same for every trace of one model and kernel set.
+        self._replaced = [i for i, (v, (keys, _)) in enumerate(zip(views, buffers)) if v.keys is not keys]
+        return logits, [(views[i].keys, views[i].values) for i in self._replaced]
 
     def __call__(self, token: mx.array, cache: list) -> mx.array:
         """Logits [1, vocab] for `token` [1, 1]; advances `cache` (already prefilled) by one."""
@@ -184,8 +188,9 @@ class CompiledDecode:
         # Every sliding cache sees the same writes, so one `lowest` serves them all.
         lowest = mx.array([max(getattr(c, "lowest", 0) for c in cache)], dtype=mx.int32)
         logits, buffers = self._step(token, position, lowest, [(c.keys, c.values) for c in cache])
-        for c, (keys, values) in zip(cache, buffers):
-            StepView.commit(c, keys, values)
+        replaced = dict(zip(self._replaced, buffers))
+        for i, c in enumerate(cache):
+            StepView.commit(c, replaced.get(i))
         return logits
 
 

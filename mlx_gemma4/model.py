@@ -199,13 +199,17 @@ class Attention(nn.Module):
         projected = [self[name](x) for name in self.projections]
         projected = projected[0] if len(projected) == 1 else mx.concatenate(projected, axis=-1)
         # Norms, RoPE and the head transpose of q, k and v at once; [B, L, heads * D] -> [B, heads, L, D].
+        # A compiled decode step's cache (cache.StepView) takes the new K/V at its slot from rope_norm.
+        into = cache.step_slot() if shared_kv is None and hasattr(cache, "step_slot") else None
         queries, keys, values = self.ops.rope_norm(
             projected, self.q_norm.weight,
             self.k_norm.weight if self.owns_cache else None, rope_offset, self.rope, self.eps,
-            self.num_kv_heads if self.owns_cache else 0, self.k_eq_v,
+            self.num_kv_heads if self.owns_cache else 0, self.k_eq_v, into,
         )
         if shared_kv is not None:
             keys, values = shared_kv
+        elif into is not None:
+            keys, values = cache.store(keys, values)
         else:
             keys, values = cache.update_and_fetch(keys, values)
         # scale 1.0: q_norm / k_norm replace the 1/sqrt(head_dim) factor (Gemma4TextAttention.scaling).

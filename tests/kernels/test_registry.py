@@ -123,6 +123,30 @@ def test_rope_norm_declares_keys_and_values_only_where_it_writes_them(cuda_build
     assert (keys is values is None) if not kv_heads else keys.shape == values.shape == (1, kv_heads, 1, 16)
 
 
+def test_rope_norm_writes_a_decode_step_into_the_cache_buffers(cuda_builds, monkeypatch):
+    """With `into` on CUDA, rope_norm takes the cache buffers and the slot as inputs and declares
+    the queries output alone: no keys or values outputs, and no scatter after it in the graph."""
+    from mlx_gemma4.config import RopeConfig
+    from mlx_gemma4.kernels import rope_norm
+    from mlx_gemma4.rope import LayerRoPE
+
+    # The module, not the function the package exports under its name.
+    monkeypatch.setattr(importlib.import_module("mlx_gemma4.kernels.rope_norm"), "gpu_backend", lambda: "cuda")
+    weight = mx.ones((16,))
+    rope = LayerRoPE(RopeConfig("default", 10_000.0, 16), 16)
+    buffers = (mx.zeros((1, 2, 8, 16)), mx.zeros((1, 2, 8, 16)))
+    slot = mx.array([3], dtype=mx.int32)
+    queries, keys, values = rope_norm(mx.zeros((1, 1, 12 * 16)), weight, weight, 3, rope, 1e-6, 2, False,
+                                      (*buffers, slot))
+    (spec,) = cuda_builds
+    assert spec["output_names"] == ["queries"]
+    assert spec["input_names"][-3:] == ["k_cache", "v_cache", "slot"]
+    assert "#define INTO_CACHE 1\n" in spec["source"]
+    (inputs,) = spec["launched"]
+    assert inputs[-3] is buffers[0] and inputs[-2] is buffers[1] and inputs[-1] is slot
+    assert keys is buffers[0] and values is buffers[1] and queries.shape == (1, 8, 1, 16)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_attention_keeps_its_split_scratch_in_inputs(cuda_builds, fused):
     """FUSED_COMBINE writes out alone; the splits go to scratch inputs sized for the most splits

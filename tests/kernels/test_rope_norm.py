@@ -95,3 +95,28 @@ def test_matches_twin(dtype, head_dim, length, batch, layout):
             # |kernel - twin| <= |kernel - exact| + |twin - exact| <= 2 twin errors (+ the
             # bounds); squared: (a + b)^2 <= 2a^2 + 2b^2 <= 4 twin NMSE.
             assert_close(out, ref, dtype, label, extra_atol=2 * twin_error, extra_nmse=4 * twin_nmse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [256, 512])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["qkv", "qk_eq_v"])
+def test_writes_the_step_into_the_cache_slot(dtype, head_dim, batch, layout):
+    """A decode step's K and V into the cache buffers at the slot (`into`, cache.StepView): every
+    slot of both buffers as the twin's scatter leaves them, the queries as without `into`."""
+    x, q_weight, k_weight, num_kv_heads, k_eq_v = fused_input(batch, 1, head_dim, layout, dtype, head_dim)
+    rope = LayerRoPE(ROPES[head_dim], head_dim)
+    buffers = [random((batch, num_kv_heads, 40, head_dim), dtype, seed=s) for s in (7, 8)]
+    copies = [mx.array(b) for b in buffers]
+    mx.eval(buffers, copies)
+    slot = mx.array([29], dtype=mx.int32)
+    args = (x, q_weight, k_weight, mx.array([700] * batch, dtype=mx.int32), rope, 1e-6, num_kv_heads, k_eq_v)
+    outs = rope_norm(*args, (*buffers, slot))
+    refs = rope_norm_ref(*args, (*copies, slot))
+    mx.eval(outs, refs)
+    for part, out, ref in zip("qkv", outs, refs):
+        assert_close(out, ref, dtype, f"rope_norm into[{dtype} D{head_dim} B{batch} {layout}:{part}]",
+                     extra_atol=1e-3, extra_nmse=1e-6)
+    for buffer, copy in zip(outs[1:], copies):
+        for others in (slice(0, 29), slice(30, 40)):
+            assert mx.array_equal(buffer[:, :, others], copy[:, :, others]).item()
