@@ -14,8 +14,8 @@
 // Grid: one threadgroup of TG threads per row (TG a multiple of 32, TG <= 1024); each thread
 // keeps its PER_THREAD = ceil(N / TG) consecutive values in registers for the second norm.
 // Templates: T, N, TG, HAS_SCALE, VEC (T is bfloat16 and N, PER_THREAD multiples of 8: rows and
-// spans are read as 16-byte words), W_BF16 (w and next_w are bfloat16: read so too where VEC). Rounding follows the twin: normed value, sum and product are
-// each stored in T.
+// spans are read as 16-byte words), W_BF16 (w and next_w are bfloat16: read so too where VEC).
+// Rounding follows the twin: normed value, sum and product are each stored in T.
 
 // @kernel norm_residual
   constexpr int PER_THREAD = (N + TG - 1) / TG;
