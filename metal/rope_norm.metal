@@ -69,17 +69,17 @@
   }
   uint section_head = is_v ? head - NQ - NKV : (is_k ? head - NQ : head);
   uint section_heads = (is_v || is_k) ? uint(NKV) : uint(NQ);
+  size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
 #if INTO_CACHE
   // K and V go to slot[0] of the cache buffers, [B, NKV, slots, D], written through a cast (L = 1).
   device T* out = is_v ? const_cast<device T*>(v_cache) : (is_k ? const_cast<device T*>(k_cache) : queries);
-  size_t out_base = is_v || is_k ? ((size_t(b) * NKV + section_head) * size_t(k_cache_shape[2]) + size_t(slot[0])) * D
-                                 : ((size_t(b) * NQ + head) * L + l) * D;
+  if (is_v || is_k) {
+    out_base = ((size_t(b) * NKV + section_head) * size_t(k_cache_shape[2]) + size_t(slot[0])) * D;
+  }
 #elif QUERIES_ONLY
   device T* out = queries;
-  size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
 #else
   device T* out = is_v ? values : (is_k ? keys : queries);
-  size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;
 #endif
   out[out_base + t] = static_cast<T>(o1);
   out[out_base + t + HALF] = static_cast<T>(o2);

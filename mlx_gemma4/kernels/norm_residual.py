@@ -35,6 +35,11 @@ def norm_residual_ref(
     return h, *(mx.fast.rms_norm(h, w, eps) for w in _as_tuple(next_weight))
 
 
+def _threads(N: int) -> int:
+    # About 8 elements a thread, whole simdgroups, at most 1024 threads.
+    return min(1024, max(32, round_up(N // 8, 32)))
+
+
 def _run(body: str, leading: dict[str, mx.array], weight: mx.array, residual: mx.array, scale: mx.array | None,
          eps: float, next_weight: NextWeights, template: list) -> mx.array | tuple[mx.array, ...]:
     """Launch a body of norm_residual.metal: its `leading` inputs, then w, residual, scale, the
@@ -51,15 +56,11 @@ def _run(body: str, leading: dict[str, mx.array], weight: mx.array, residual: mx
         "norm_residual", body, (*leading, "w", "residual", "scale", *next_inputs, "params"), ("out", *normed),
         defines=(("NEXT_NORMS", count),),
     )
-    # About 8 elements a thread, whole simdgroups, at most 1024 threads.
-    threads = min(1024, max(32, round_up(N // 8, 32)))
-    per_thread = -(-N // threads)
-    vector = residual.dtype == mx.bfloat16 and N % 8 == 0 and per_thread % 8 == 0
-    weights_bf16 = all(w.dtype == mx.bfloat16 for w in (weight, *next_weights))
+    threads = _threads(N)
     outputs = kernel(
         inputs=[*leading.values(), weight, residual, weight if scale is None else scale, *next_weights, scalars(eps)],
         template=[("T", residual.dtype), ("N", N), ("TG", threads), ("HAS_SCALE", scale is not None),
-                  ("VEC", vector), ("W_BF16", weights_bf16), *template],
+                  *template],
         grid=(residual.size // N * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[residual.shape] * (1 + count),
@@ -72,7 +73,11 @@ def norm_residual(
     x: mx.array, weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
     next_weight: NextWeights = None,
 ) -> mx.array | tuple[mx.array, ...]:
-    return _run("norm_residual", {"x": x}, weight, residual, scale, eps, next_weight, [])
+    N = residual.shape[-1]
+    vector = residual.dtype == mx.bfloat16 and N % 8 == 0 and -(-N // _threads(N)) % 8 == 0
+    weights_bf16 = all(w.dtype == mx.bfloat16 for w in (weight, *_as_tuple(next_weight)))
+    template = [("VEC", vector), ("W_BF16", weights_bf16)]
+    return _run("norm_residual", {"x": x}, weight, residual, scale, eps, next_weight, template)
 
 
 def moe_norm_residual_ref(
