@@ -15,10 +15,17 @@
 // GATED (a define): x is gelu_tanh(gate) * up, rounded to T as gelu_gate's output is, made as it
 // is loaded: the MLP's down projection reads the gate|up halves of one array, the PLE projection
 // the gate and its layer's columns of the per-layer inputs, with no gelu_gate launch between.
+// NORM_RESIDUAL (a define; CUDA only, for cuda_compat.h's arrive_last; with GATED): the launch
+// ends a sub-block as norm_residual does, on the product's rows: out = (residual +
+// RMSNorm(product) * norm_w) * scale, and with NEXT_NORM (a define) normed = RMSNorm(out) * next_w.
+// Each threadgroup leaves its rows of the product, rounded to T, in the float32 scratch input
+// `projected` [M * N]; the last to finish reads them back. Extra inputs: residual [M, N], norm_w
+// [N], scale [1], next_w [N] (NEXT_NORM), params float32 [eps], arrivals uint32 (0 between
+// launches), projected. Extra templates: HAS_SCALE, HIDDEN (N).
 // In: x [M, x columns] (T; GATED: the gate, its first K columns), GATED: up [M, up columns] and
 // up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
 // biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
-// Out: [M, N] in T.
+// Out: [M, N] in T (NORM_RESIDUAL: out and, with NEXT_NORM, normed).
 // Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups.
 // Templates: T, WT (w's type), M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16), W_BF16 (WT is
 // bfloat16); K and N are read from the shapes, so one build serves every projection of a model.
@@ -164,6 +171,9 @@
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+#if NORM_RESIDUAL
+  device float* product = const_cast<device float*>(projected);
+#endif
   for (int t = int(group_simd) * 32 + int(lane); t < RPS * M; t += SIMDS * 32) {
     float total = 0.0f;
     for (int s = 0; s < SIMDS; s++) {
@@ -171,6 +181,88 @@
     }
     const int r = t / M;
     if (first + r < N) {
+#if NORM_RESIDUAL
+      product[(t % M) * N + first + r] = round_to<T>(total);
+#else
       out[(t % M) * N + first + r] = static_cast<T>(total);
+#endif
     }
   }
+#if NORM_RESIDUAL
+  // The last threadgroup to finish runs norm_residual (norm_residual.metal, one next norm at most)
+  // over the product's rows, which the others left in `projected`.
+  threadgroup uint finishes[1];
+  threadgroup float buf[SIMDS];
+  const uint tid = group_simd * 32 + lane;
+  threadgroup_barrier(mem_flags::mem_device);
+  if (tid == 0) {
+    finishes[0] = arrive_last(arrivals, uint((N + RPS - 1) / RPS)) ? 1u : 0u;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (finishes[0] != 0u) {
+    // Each thread's values go CHUNK at a time, their loads issued before any is used: the lone
+    // threadgroup would otherwise wait on memory once per value.
+    constexpr int TG = SIMDS * 32;
+    constexpr int PER_THREAD = (HIDDEN + TG - 1) / TG;
+    constexpr int CHUNK = PER_THREAD < 16 ? PER_THREAD : 16;
+    // Volatile: other threadgroups of this launch wrote it.
+    const volatile device float* rows_in = projected;
+    const float eps = params[0];
+    const float sc = HAS_SCALE ? static_cast<float>(scale[0]) : 1.0f;
+    for (int m = 0; m < M; m++) {
+      const size_t base = size_t(m) * HIDDEN;
+      float ss = 0.0f;
+      for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
+        float xs[CHUNK];
+        for (int k = 0; k < CHUNK; k++) {
+          const int i = int(tid) + (k0 + k) * TG;
+          xs[k] = i < HIDDEN ? rows_in[base + i] : 0.0f;
+        }
+        for (int k = 0; k < CHUNK; k++) {
+          ss += xs[k] * xs[k];
+        }
+      }
+      const float r = metal::precise::rsqrt(block_sum<SIMDS>(ss, buf, lane, group_simd) / float(HIDDEN) + eps);
+      float ss_out = 0.0f;
+      for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
+        float xs[CHUNK];
+        float res[CHUNK];
+        float ws[CHUNK];
+        for (int k = 0; k < CHUNK; k++) {
+          const int i = metal::min(int(tid) + (k0 + k) * TG, HIDDEN - 1);
+          xs[k] = rows_in[base + i];
+          res[k] = static_cast<float>(residual[base + i]);
+          ws[k] = static_cast<float>(norm_w[i]);
+        }
+        for (int k = 0; k < CHUNK; k++) {
+          const int i = int(tid) + (k0 + k) * TG;
+          const float n = round_to<T>(xs[k] * r * ws[k]);
+          float h = round_to<T>(res[k] + n);
+          h = HAS_SCALE ? round_to<T>(h * sc) : h;
+          if (i < HIDDEN) {
+            out[base + i] = static_cast<T>(h);
+            ss_out += h * h;
+          }
+        }
+      }
+#if NEXT_NORM
+      const float r_out = metal::precise::rsqrt(block_sum<SIMDS>(ss_out, buf, lane, group_simd) / float(HIDDEN) + eps);
+      for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
+        float hs[CHUNK];
+        float ws[CHUNK];
+        for (int k = 0; k < CHUNK; k++) {
+          const int i = metal::min(int(tid) + (k0 + k) * TG, HIDDEN - 1);
+          hs[k] = static_cast<float>(out[base + i]);
+          ws[k] = static_cast<float>(next_w[i]);
+        }
+        for (int k = 0; k < CHUNK; k++) {
+          const int i = int(tid) + (k0 + k) * TG;
+          if (i < HIDDEN) {
+            normed[base + i] = static_cast<T>(hs[k] * r_out * ws[k]);
+          }
+        }
+      }
+#endif
+    }
+  }
+#endif

@@ -132,6 +132,18 @@ def gated_projection(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.a
     return linear(ops.gelu_gate(gate, up, up_offset))
 
 
+def projected_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None, up_offset: int,
+                       weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
+                       next_weight: mx.array | None = None) -> mx.array | tuple[mx.array, mx.array]:
+    """ops.norm_residual(gated_projection(...), weight, residual, scale, eps, next_weight), the end
+    of a sub-block: in one launch at decode where the kernel set has gated_qmv_norm_residual."""
+    operands = _projection_operands(linear) if ops.gated_qmv_norm_residual else None
+    if operands and gated_qmv_supports(gate, up, up_offset, *operands):
+        return ops.gated_qmv_norm_residual(gate, up, up_offset, *operands, weight, residual, scale, eps, next_weight)
+    projected = gated_projection(ops, linear, gate, up, up_offset)
+    return ops.norm_residual(projected, weight, residual, scale, eps, next_weight)
+
+
 def _projection_operands(linear: nn.Module) -> tuple | None:
     """gated_qmv's (w, scales, biases, group_size, bits) for a bias-free Linear or affine
     QuantizedLinear (what the converter writes); None for other layers."""
@@ -235,9 +247,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        return gated_projection(self.ops, self.down_proj, *self.gated_inputs(x))
+
+    def gated_inputs(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
+        """The down projection's gate and up: the fused projection's halves, read in place (up None)."""
         if "gate_up_proj" in self:
-            return gated_projection(self.ops, self.down_proj, self.gate_up_proj(x))  # the halves, read in place
-        return gated_projection(self.ops, self.down_proj, self.gate_proj(x), self.up_proj(x))
+            return self.gate_up_proj(x), None
+        return self.gate_proj(x), self.up_proj(x)
 
     def fuse_projections(self):
         fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
@@ -453,8 +469,8 @@ class DecoderLayer(nn.Module):
                                                   next_norms)
 
         residual = h
-        m = self.mlp(mlp_input)
         if "router" in self:
+            m = self.mlp(mlp_input)
             router_input, experts_input = moe_inputs
             weights, indices = self.router(router_input)
             experts = self.experts(experts_input, indices, expert_rows)
@@ -462,16 +478,16 @@ class DecoderLayer(nn.Module):
             branch_norms = (self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight)
             feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights, *branch_norms)
         else:
-            feed_forward_end = partial(norm_residual, m)
+            gate, up = self.mlp.gated_inputs(mlp_input)
+            feed_forward_end = partial(projected_residual, self.ops, self.mlp.down_proj, gate, up, 0)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
         if per_layer_inputs is None:
             return *feed_forward_end(self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
                                      next_norm), kv
         h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
-        projected = gated_projection(self.ops, self.per_layer_projection, self.per_layer_input_gate(h),
-                                     per_layer_inputs, self.ple_column)
-        return *norm_residual(projected, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
-                              next_norm), kv
+        return *projected_residual(self.ops, self.per_layer_projection, self.per_layer_input_gate(h), per_layer_inputs,
+                                   self.ple_column, self.post_per_layer_input_norm.weight, h, self.layer_scalar,
+                                   self.eps, next_norm), kv
 
 
 class Model(nn.Module):

@@ -351,6 +351,35 @@ def test_decode_gated_projections_take_the_kernel_sets_gated_qmv(checkpoints, qu
     assert len(calls) == 2 * len(downs) and len(downs) % len(model.layers) == 0 and len(downs) >= 2 * len(model.layers)
 
 
+@pytest.mark.parametrize("quantize_bits", [None, 4])
+def test_decode_sub_blocks_end_in_the_kernel_sets_gated_qmv_norm_residual(checkpoints, quantize_bits):
+    """At decode, a PLE layer's feed-forward block (no layer_scalar, no next norm) and PLE block
+    (layer_scalar, the next layer's input norm) end in `ops.gated_qmv_norm_residual`, which takes
+    the projection and its norm_residual in one launch; the tokens stay those of the two ops."""
+    import dataclasses
+
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS, gated_qmv_norm_residual_ref
+
+    model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
+    prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    calls = []
+
+    def counted(gate, up, up_offset, *operands_and_norm):
+        *_, weight, residual, scale, eps, next_weight = operands_and_norm
+        calls.append((up is None, scale is not None, next_weight is not None, residual.shape))
+        return gated_qmv_norm_residual_ref(gate, up, up_offset, *operands_and_norm)
+
+    model.use_kernels(dataclasses.replace(TWINS, gated_qmv_norm_residual=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    downs = [call for call in calls if call[0]]
+    assert downs and {call[1:3] for call in downs} == {(False, False)}
+    assert {call[1:3] for call in calls if not call[0]} == {(True, True)}
+    assert len(calls) == 2 * len(downs) and len(downs) % len(model.layers) == 0
+    assert {shape for *_, shape in calls} == {(1, 1, model.config.hidden_size)}
+
+
 def test_quantized_matmuls_take_float32_inputs_on_the_cpu(checkpoints, monkeypatch):
     """On MLX's CPU back end a bfloat16 model hands its quantized projections, tied head and
     experts float32 inputs (8x faster there) and keeps its dtype; elsewhere they take bfloat16."""

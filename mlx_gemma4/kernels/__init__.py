@@ -17,7 +17,10 @@ from .gelu_gate import gelu_gate, gelu_gate_ref
 from .moe_router import moe_router, moe_router_ref
 from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
-from .qmv import gated_qmv, gated_qmv_ref, gated_qmv_supports, qmv, qmv_ref, qmv_supports
+from .qmv import (
+    gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv, qmv_ref,
+    qmv_supports,
+)
 from .rope_norm import rope_norm, rope_norm_ref
 
 
@@ -39,6 +42,9 @@ class KernelSet:
     # gelu_gate and the projection after it in one launch at decode (model.gated_projection);
     # None: the projection's own op after gelu_gate
     gated_qmv: Callable | None = None
+    # gated_qmv and the norm_residual that ends the sub-block in one launch at decode
+    # (model.projected_residual); None: the two ops
+    gated_qmv_norm_residual: Callable | None = None
 
 
 PROMPT_ROWS = 32  # rows of a call from which gelu_gate's kernel beats its compiled twin
@@ -102,11 +108,12 @@ KERNELS = KernelSet(
     moe_norm_residual=moe_norm_residual,
     uses_kernels=True,
     gated_qmv=gated_qmv,
+    gated_qmv_norm_residual=gated_qmv_norm_residual,
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
     rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, moe_router,
-    moe_norm_residual, True, gated_qmv,
+    moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
@@ -124,8 +131,8 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 
 __all__ = [
     "ALL_KERNELS", "KERNELS", "KernelSet", "MAX_DECODE_QUERIES", "PROMPT_ROWS", "TWINS", "decode_attention",
-    "decode_attention_ref", "gated_qmv", "gated_qmv_ref", "gated_qmv_supports", "gelu_gate", "gelu_gate_ref",
-    "gpu_backend", "kernels_enabled", "moe_norm_residual", "moe_norm_residual_ref", "moe_router", "moe_router_ref",
-    "norm_residual", "norm_residual_ref", "ple_inputs", "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm",
-    "rope_norm_ref", "select_kernels",
+    "decode_attention_ref", "gated_qmv", "gated_qmv_norm_residual", "gated_qmv_norm_residual_ref", "gated_qmv_ref",
+    "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
+    "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
+    "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -27,6 +27,13 @@ def gpu_backend() -> str | None:
     return None
 
 
+def last_threadgroup_merges() -> bool:
+    """Whether a launch's threadgroups may leave their results for the last one to finish, which
+    merges them (cuda_compat.h's arrive_last): on CUDA. Metal's device-scope fences are untested
+    here, so there the merge stays a launch of its own."""
+    return gpu_backend() == "cuda"
+
+
 def kernels_enabled() -> bool:
     """Custom kernels run when a GPU back end exists and MLX_GEMMA4_KERNELS is not "0"."""
     return gpu_backend() is not None and os.environ.get("MLX_GEMMA4_KERNELS", "1") != "0"
@@ -99,6 +106,14 @@ def parameter_array(values, dtype) -> mx.array:
     values = list(values)
     room = POOLED_MAX_BYTES // dtype.size + 1
     return mx.array(values + [0] * max(0, room - len(values)), dtype=dtype)
+
+
+@functools.cache
+def arrival_counters(count: int) -> mx.array:
+    """`count` counters for arrive_last, 0 between launches (the last threadgroup resets its own).
+    Calls share them: no two overlap, as each waits on the one before through the residual
+    stream. Made from host data, so a first call inside a traced graph captures it as a constant."""
+    return parameter_array([0] * count, mx.uint32)
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,7 +10,7 @@ import functools
 import mlx.core as mx
 import numpy as np
 
-from ._source import build, gpu_backend, parameter_array, round_up
+from ._source import arrival_counters, build, last_threadgroup_merges, round_up
 
 MAX_DECODE_QUERIES = 8  # decode (1) and speculative verify; longer query blocks take prefill SDPA
 SIMDGROUPS = 4  # simdgroups per partial threadgroup, each walking every 4th key of the chunk
@@ -42,26 +42,11 @@ def _no_mask() -> mx.array:
     return mx.ones((1, 1, 1, 1), dtype=mx.bool_)
 
 
-def fuses_combine() -> bool:
-    """Whether the partial pass also combines (FUSED_COMBINE): on CUDA, one launch and one graph
-    node a call fewer. Metal keeps the two passes: its cross-threadgroup fences are untested here."""
-    return gpu_backend() == "cuda"
-
-
-@functools.cache
-def _arrivals(rows: int) -> mx.array:
-    """Per-row arrival counters for FUSED_COMBINE, 0 between launches (the last split resets its
-    row's). Calls share them: no two overlap, as each attention call waits on the one before
-    through the residual stream. Made from host data, so a first call inside a traced graph
-    captures it as a constant."""
-    return parameter_array([0] * rows, mx.uint32)
-
-
 @functools.cache
 def _split_scratch(rows: int, head_dim: int) -> tuple[mx.array, mx.array]:
     """FUSED_COMBINE's per-split (acc [rows, splits, D], (max, sum) [rows, splits, 2]) float32
-    scratch, sized for the most splits `rows` takes and shared by calls as _arrivals is. From host
-    data, as _arrivals is."""
+    scratch, sized for the most splits `rows` takes and shared by calls as arrival_counters are.
+    From host data, as they are."""
     room = rows * _most_splits(rows)
     return mx.array(np.zeros(room * head_dim, np.float32)), mx.array(np.zeros(room * 2, np.float32))
 
@@ -80,7 +65,7 @@ def _reads_words(dtype: mx.Dtype, head_dim: int) -> bool:
 def decode_attention(
     queries: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
 ) -> mx.array:
-    return merged_splits_attention(queries, keys, values, mask, fuses_combine())
+    return merged_splits_attention(queries, keys, values, mask, last_threadgroup_merges())
 
 
 def merged_splits_attention(
@@ -114,7 +99,7 @@ def merged_splits_attention(
     )
     inputs = [queries, keys, values, mask if has_mask else _no_mask()]
     if fused:
-        (out,) = partial(inputs=inputs + [_arrivals(rows), *_split_scratch(rows, D)], **launch,
+        (out,) = partial(inputs=inputs + [arrival_counters(rows), *_split_scratch(rows, D)], **launch,
                          output_shapes=[(B, Lq, Hq * D)], output_dtypes=[queries.dtype])
         return out
     part_acc, part_ml = partial(inputs=inputs, **launch, output_shapes=[(rows, splits, D), (rows, splits, 2)],

@@ -1,14 +1,20 @@
 """qmv: a quantized matrix-vector product for decode (metal/qmv.metal), with MLX's affine 4- and
 8-bit layout. MLX's CUDA qmv reads 4-bit weights at 0.5-1.0 TB/s on an H100, a third of its
-bf16 matrix-vector rate (bench/kernels.py), so a 4-bit decode step was no faster than bf16."""
+bf16 matrix-vector rate (bench/kernels.py), so a 4-bit decode step was no faster than bf16.
+gated_qmv makes gelu_gate's product as it loads x; gated_qmv_norm_residual also ends the
+sub-block with norm_residual, on CUDA in the same launch."""
 
 from __future__ import annotations
 
-import mlx.core as mx
+import functools
 
-from ._source import build
+import mlx.core as mx
+import numpy as np
+
+from ._source import arrival_counters, build, last_threadgroup_merges, scalars
 from .decode_attention import MAX_DECODE_QUERIES
 from .gelu_gate import column_input, gelu_gate_ref
+from .norm_residual import norm_residual, norm_residual_ref
 
 DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-byte load)
 RPS = 4  # weight rows per threadgroup: they share each x load
@@ -31,25 +37,26 @@ def _fits_quantized(K: int, biases: mx.array | None, group_size: int, bits: int)
     return bool(values_per_load) and biases is not None and group_size % values_per_load == 0 and K % group_size == 0
 
 
-def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bits: int, simds: int) -> mx.array:
-    """One qmv launch over x's rows (the gate's, where GATED) and w's N rows."""
+def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bits: int, simds: int,
+            template: tuple = (), outputs: int = 1) -> list[mx.array]:
+    """One qmv launch over x's rows (the gate's, where GATED) and w's N rows: `outputs` arrays
+    [..., N] of x's type."""
     N = w.shape[0]
-    (out,) = kernel(
+    return kernel(
         inputs=inputs,
         template=[("T", x.dtype), ("WT", w.dtype), ("M", x.size // x.shape[-1]), ("BITS", bits), ("GROUP", group_size),
                   ("RPS", RPS), ("SIMDS", simds), ("X_BF16", x.dtype == mx.bfloat16),
-                  ("W_BF16", w.dtype == mx.bfloat16)],
+                  ("W_BF16", w.dtype == mx.bfloat16), *template],
         grid=((N + RPS - 1) // RPS * 32 * simds, 1, 1),
         threadgroup=(32 * simds, 1, 1),
-        output_shapes=[(*x.shape[:-1], N)],
-        output_dtypes=[x.dtype],
+        output_shapes=[(*x.shape[:-1], N)] * outputs,
+        output_dtypes=[x.dtype] * outputs,
     )
-    return out
 
 
 def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
     kernel = build("qmv", "qmv", ("x", "w", "scales", "biases"), ("out",))
-    return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS)
+    return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS)[0]
 
 
 def gated_qmv_ref(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
@@ -99,4 +106,51 @@ def gated_qmv(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, 
     if scales is None:  # unread by a dense build
         scales = biases = column_input(0)
     return _launch(kernel, [gate, up, column_input(up_offset), w, scales, biases], gate, w, group_size, kernel_bits,
-                   simds)
+                   simds)[0]
+
+
+def gated_qmv_norm_residual_ref(
+    gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+    biases: mx.array | None, group_size: int, bits: int, weight: mx.array, residual: mx.array,
+    scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """norm_residual_ref(gated_qmv_ref(...), weight, residual, scale, eps, next_weight): the end of
+    a sub-block whose last op is a gated projection (the MLP's down, the PLE projection)."""
+    product = gated_qmv_ref(gate, up, up_offset, w, scales, biases, group_size, bits)
+    return norm_residual_ref(product, weight, residual, scale, eps, next_weight)
+
+
+@functools.cache
+def _product_scratch(size: int) -> mx.array:
+    """NORM_RESIDUAL's float32 rows of the product, shared by calls as arrival_counters are."""
+    return mx.array(np.zeros(size, np.float32))
+
+
+def gated_qmv_norm_residual(
+    gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+    biases: mx.array | None, group_size: int, bits: int, weight: mx.array, residual: mx.array,
+    scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """One launch on CUDA (NORM_RESIDUAL: the last threadgroup norms the product's rows), as a
+    decode step is bound by its host cost per graph node; gated_qmv then norm_residual on Metal."""
+    if not last_threadgroup_merges():
+        product = gated_qmv(gate, up, up_offset, w, scales, biases, group_size, bits)
+        return norm_residual(product, weight, residual, scale, eps, next_weight)
+    up, up_offset, _, kernel_bits = _gated_operands(gate, up, up_offset, w, scales, bits)
+    next_norm = next_weight is not None
+    kernel = build(
+        "qmv", "qmv",
+        ("x", "up", "up_column", "w", "scales", "biases", "residual", "norm_w", "scale", *("next_w",) * next_norm,
+         "params", "arrivals", "projected"),
+        ("out", *("normed",) * next_norm),
+        defines=(("GATED", 1), ("NORM_RESIDUAL", 1), ("NEXT_NORM", int(next_norm))),
+    )
+    if scales is None:  # unread by a dense build
+        scales = biases = column_input(0)
+    inputs = [gate, up, column_input(up_offset), w, scales, biases, residual, weight,
+              weight if scale is None else scale, *[next_weight] * next_norm, scalars(eps), arrival_counters(1),
+              _product_scratch(residual.size)]
+    # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
+    outputs = _launch(kernel, inputs, gate, w, group_size, kernel_bits, SIMDS,
+                      (("HAS_SCALE", scale is not None), ("HIDDEN", w.shape[0])), 1 + next_norm)
+    return tuple(outputs) if next_norm else outputs[0]

@@ -76,9 +76,10 @@ def test_long_context_many_splits(dtype):
 def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
     """Both ways to merge the splits: the partial pass's last split per row (FUSED_COMBINE, the
     CUDA default) and the combine pass (Metal's). The rows' arrival counters are 0 after each call."""
-    from mlx_gemma4.kernels.decode_attention import _arrivals, fuses_combine, merged_splits_attention
+    from mlx_gemma4.kernels._source import arrival_counters, last_threadgroup_merges
+    from mlx_gemma4.kernels.decode_attention import merged_splits_attention
 
-    if fused and not fuses_combine():
+    if fused and not last_threadgroup_merges():
         pytest.skip("FUSED_COMBINE runs on CUDA only")
     batch, heads = 2, 8
     for offset, mask, keys, values in cache_steps(kind, batch, 2, 256, dtype, 1):
@@ -86,7 +87,7 @@ def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
         for _ in range(2):  # the second call starts from the counters the first left
             out = merged_splits_attention(q, keys, values, mask, fused)
             assert_close(out, oracle(q, keys, values, mask), dtype, f"decode_attention[fused={fused} {kind} @{offset}]")
-        assert not _arrivals(batch * heads).any().item()
+        assert not arrival_counters(batch * heads).any().item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

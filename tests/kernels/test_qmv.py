@@ -1,6 +1,7 @@
 """qmv kernel vs its twin (MLX's quantized_matmul) on the decode projections of the four models,
 4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides; its
-GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights."""
+GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights, and that
+build ending the sub-block with norm_residual (NORM_RESIDUAL)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 from tolerances import DTYPES, assert_close, random, requires_gpu
 
 from mlx_gemma4.kernels import (
-    MAX_DECODE_QUERIES, gated_qmv, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref, qmv, qmv_ref,
+    MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref,
+    norm_residual_ref, qmv, qmv_ref,
 )
+from mlx_gemma4.kernels._source import arrival_counters
 
 pytestmark = requires_gpu
 
@@ -43,6 +46,20 @@ GATED_SHAPES = [  # (K, N, up columns, up's first column): E2B's down (the gate|
 ]
 
 
+def gated_operands(dtype, bits: int, rows: int, shape) -> tuple:
+    """gated_qmv's operands (gate, up, up_offset, w, scales, biases, group size, bits) for a
+    GATED_SHAPES entry: a quantized weight, or (bits 16) a dense one of dtype."""
+    K, N, up_columns, up_offset = shape
+    weight = random((N, K), dtype if bits == 16 else mx.float32, scale=0.05, seed=K + N)
+    if bits == 16:
+        w, scales, biases = weight, None, None
+    else:
+        w, scales, biases = mx.quantize(weight.astype(dtype), group_size=64, bits=bits)
+    gate = random((1, rows, K if up_columns else 2 * K), dtype, seed=rows)
+    up = random((1, rows, up_columns), dtype, seed=rows + 1) if up_columns else None
+    return gate, up, up_offset or 0, w, scales, biases, 64, bits
+
+
 # Dense weights of 16 bits only: a float32 model's projections keep MLX's product.
 GATED_KINDS = [(dtype, bits) for dtype in DTYPES for bits in (4, 8, 16) if not (bits == 16 and dtype == mx.float32)]
 
@@ -52,15 +69,9 @@ GATED_KINDS = [(dtype, bits) for dtype in DTYPES for bits in (4, 8, 16) if not (
 @pytest.mark.parametrize("shape", GATED_SHAPES, ids=str)
 def test_gated_matches_twin(dtype, bits, rows, shape):
     """gated_qmv = gelu_gate then the product, quantized or (bits 16) a 16-bit dense weight."""
-    K, N, up_columns, up_offset = shape
-    weight = random((N, K), dtype if bits == 16 else mx.float32, scale=0.05, seed=K + N)
-    if bits == 16:
-        w, scales, biases = weight, None, None
-    else:
-        w, scales, biases = mx.quantize(weight.astype(dtype), group_size=64, bits=bits)
-    gate = random((1, rows, K if up_columns else 2 * K), dtype, seed=rows)
-    up = random((1, rows, up_columns), dtype, seed=rows + 1) if up_columns else None
-    operands = (gate, up, up_offset or 0, w, scales, biases, 64, bits)
+    K, N, _, up_offset = shape
+    operands = gated_operands(dtype, bits, rows, shape)
+    gate, up, _, w, scales, biases, _, _ = operands
     assert gated_qmv_supports(*operands)
     # The oracle: the gated input rounded to dtype (as gelu_gate's output), then the product in float32.
     f32 = mx.float32
@@ -73,3 +84,28 @@ def test_gated_matches_twin(dtype, bits, rows, shape):
         gated_qmv(*operands), oracle.astype(dtype), dtype, f"gated_qmv[{dtype} {bits}-bit K{K} N{N} M{rows}]",
         extra_atol=K * 2e-8,
     )
+
+
+@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.bfloat16, 4), (mx.float16, 8), (mx.float32, 4)], ids=str)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("shape", GATED_SHAPES, ids=str)
+@pytest.mark.parametrize("ends", ["plain", "scaled_next_norm"])
+def test_gated_norm_residual_matches_the_product_through_norm_residual(dtype, bits, rows, shape, ends):
+    """gated_qmv_norm_residual = norm_residual of gated_qmv's product, with and without
+    layer_scalar and the next norm: on CUDA one launch whose last threadgroup norms the rows
+    (its counter is 0 after each call, so the second call sees what the first did)."""
+    N = shape[1]
+    operands = gated_operands(dtype, bits, rows, shape)
+    residual = random((1, rows, N), dtype, seed=5)
+    weight = random((N,), dtype, seed=6)
+    scale = mx.array([0.7], dtype) if ends != "plain" else None
+    next_weight = random((N,), dtype, seed=7) if ends != "plain" else None
+    expected = norm_residual_ref(gated_qmv(*operands), weight, residual, scale, 1e-6, next_weight)
+    expected = expected if next_weight is not None else (expected,)
+    for _ in range(2):
+        out = gated_qmv_norm_residual(*operands, weight, residual, scale, 1e-6, next_weight)
+        out = out if next_weight is not None else (out,)
+        assert len(out) == len(expected)
+        for name, got, want in zip(("out", "normed"), out, expected):
+            assert_close(got, want, dtype, f"gated_qmv_norm_residual {name}[{dtype} {bits}-bit N{N} M{rows} {ends}]")
+        assert not arrival_counters(1).any().item()
