@@ -51,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path("/tmp/mlx_gemma4_bench")
 QUANT_BITS = {"bf16": None, "8bit": 8, "4bit": 4}
 GROUP_SIZE = 64
+SENSITIVE_BITS = 8  # the converter's default sensitive_bits
 SHARD_BYTES = 2 << 30  # 2 GiB shards: the writer holds one shard of random weights at a time
 # The file path keeps a bf16 source, our bf16 copy and both runtimes' 8- and 4-bit copies, about
 # 3.6x the source: within the GPU machine's 64 GB disk up to e4b (15 GB), not 26b-a4b (50 GB).
@@ -191,13 +192,16 @@ def prepare_hf_checkpoint(root: Path, model: str, seed: int) -> Path:
     return hf_dir
 
 
-def prepare_mlx_gemma4_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool) -> Path:
-    target = root / f"mlx_gemma4-{quant}"
+def prepare_mlx_gemma4_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool,
+                                  sensitive_bits: int = SENSITIVE_BITS) -> Path:
+    suffix = "" if sensitive_bits == SENSITIVE_BITS else f"-s{sensitive_bits}"
+    target = root / f"mlx_gemma4-{quant}{suffix}"
     if reconvert and target.is_dir():
         shutil.rmtree(target)
     if not target.is_dir():
         log(f"converting with mlx_gemma4.convert to {target}")
-        mlx_gemma4.convert(hf_dir, target, dtype="bfloat16", quantize_bits=QUANT_BITS[quant], group_size=GROUP_SIZE)
+        mlx_gemma4.convert(hf_dir, target, dtype="bfloat16", quantize_bits=QUANT_BITS[quant], group_size=GROUP_SIZE,
+                           sensitive_bits=sensitive_bits)
     return target
 
 
@@ -241,14 +245,15 @@ def evaluate_by_layer(model):
     mx.eval(model.parameters())
 
 
-def build_mlx_gemma4(text: dict, seed: int, quant: str) -> mlx_gemma4.Model:
+def build_mlx_gemma4(text: dict, seed: int, quant: str, sensitive_bits: int = SENSITIVE_BITS) -> mlx_gemma4.Model:
     """Ours: the stream through the converter's per-tensor path, as the file path converts it."""
     bits = QUANT_BITS[quant]
     config = from_hf_config(text)
     tensors = convert_tensors(
-        config, random_hf_tensors(text, seed), dtype="bfloat16", quantize_bits=bits, group_size=GROUP_SIZE
+        config, random_hf_tensors(text, seed), dtype="bfloat16", quantize_bits=bits, group_size=GROUP_SIZE,
+        sensitive_bits=sensitive_bits,
     )
-    config = replace(config, quantization=quantization_config(config, bits, GROUP_SIZE))
+    config = replace(config, quantization=quantization_config(config, bits, GROUP_SIZE, sensitive_bits))
     return model_from_weights(config, dict(tensors))  # evaluated one layer at a time
 
 
@@ -388,8 +393,10 @@ def compare(model: str, quant: str, args) -> dict:
 
     weights = "in memory" if in_memory else "files"
     result = {"model": model, "quant": quant, "weights": weights, "prompt_lengths": list(lengths)}
+    ours = {"sensitive_bits": args.sensitive_bits}
     runtimes = {
-        "mlx_gemma4": (prepare_mlx_gemma4_checkpoint, mlx_gemma4.load_model, build_mlx_gemma4, mlx_gemma4_runtime),
+        "mlx_gemma4": (partial(prepare_mlx_gemma4_checkpoint, **ours), mlx_gemma4.load_model,
+                       partial(build_mlx_gemma4, **ours), mlx_gemma4_runtime),
         "mlx_lm": (prepare_mlx_lm_checkpoint, load_mlx_lm_model, build_mlx_lm, mlx_lm_runtime),
     }
     for key, (prepare, load, build, runtime) in runtimes.items():
@@ -540,6 +547,8 @@ def print_report(env: dict, args, results: list[dict]):
         f"{args.decode_prompt_length}-token prompt, EOS ignored; ratio = ours / mlx-lm; "
         f"GB/s counts weight bytes read per decoded token (KV cache excluded)"
     )
+    print(f"- our quantized models keep the PLE table, PLE projections and MoE router at {args.sensitive_bits} bits "
+          f"or more (--sensitive-bits); mlx-lm's keep the router at 8")
     print()
     print(markdown_table(results, env["bandwidth_gbs"]))
     failures = [(r, key) for r in results for key in ("mlx_gemma4", "mlx_lm") if "error" in r[key]]
@@ -631,6 +640,11 @@ def parse_args(argv=None):
         help=f"build both models in memory from a lazy random stream, writing no files (default: "
         f"in memory when the bf16 HF checkpoint exceeds {FILE_PATH_MAX_BF16_BYTES / 1e9:g} GB, i.e. "
         f"26b-a4b and 31b; from files on disk otherwise)",
+    )
+    parser.add_argument(
+        "--sensitive-bits", type=int, default=SENSITIVE_BITS,
+        help=f"our converter's --q-sensitive-bits (default {SENSITIVE_BITS}; 4 quantizes the PLE table and projections "
+        "as mlx-lm's 4-bit convert does, for a like-for-like peak memory)",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")

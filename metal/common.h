@@ -50,6 +50,14 @@ GEMMA_FN float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// One value of a sub-block's end, (residual + RMSNorm(x) * w) * scale, given x's inverse RMS r:
+// the normed value, the sum and the scaled sum each rounded to T, as the twin stores them.
+template <typename T, bool HAS_SCALE>
+GEMMA_FN float residual_value(float x, float r, float w, float residual, float scale) {
+  float h = round_to<T>(residual + round_to<T>(x * r * w));
+  return HAS_SCALE ? round_to<T>(h * scale) : h;
+}
+
 #ifndef THREAD_ADDR
 #define THREAD_ADDR thread
 #endif

@@ -51,9 +51,7 @@
   for (int k = 0; k < PER_THREAD; k++) {
     int i = first + k;
     if (i < N) {
-      float n = round_to<T>(xs[k] * r * ws[k]);
-      float h = round_to<T>(res[k] + n);
-      h = HAS_SCALE ? round_to<T>(h * sc) : h;
+      float h = residual_value<T, HAS_SCALE>(xs[k], r, ws[k], res[k], sc);
       out[base + i] = static_cast<T>(h);
       xs[k] = h;
       ss_out += h * h;
@@ -133,9 +131,8 @@
   for (int k = 0; k < PER_THREAD; k++) {
     uint i = t + uint(k) * TG;
     if (i < uint(N)) {
-      float n = round_to<T>(dense_kept[k] * r * static_cast<float>(w[i]));
-      float h = round_to<T>(static_cast<float>(residual[base + i]) + n);
-      h = HAS_SCALE ? round_to<T>(h * sc) : h;
+      float h = residual_value<T, HAS_SCALE>(dense_kept[k], r, static_cast<float>(w[i]),
+                                             static_cast<float>(residual[base + i]), sc);
       out[base + i] = static_cast<T>(h);
       mixed_kept[k] = h;
       ss_out += h * h;

@@ -3,7 +3,7 @@
 // words, and value q of group g (GROUP values along K) stands for scales[n, g] * q + biases[n, g].
 // BITS 16: w holds the values themselves, [N, K] of a 16-bit float type WT (scales and biases
 // unread): MLX's bf16 matrix-vector product is one launch too, so it takes this path only where
-// the kernel saves a launch (GATED).
+// the kernel saves a launch (GATED, NORM_RESIDUAL).
 // A threadgroup owns RPS rows; its SIMDS simdgroups split K between them (interleaved 16-byte
 // loads per lane, VPT values all in one group) and add their sums through threadgroup memory,
 // so even a 5376-row projection keeps every SM busy. x is read as 16-byte words where T is
@@ -15,17 +15,18 @@
 // GATED (a define): x is gelu_tanh(gate) * up, rounded to T as gelu_gate's output is, made as it
 // is loaded: the MLP's down projection reads the gate|up halves of one array, the PLE projection
 // the gate and its layer's columns of the per-layer inputs, with no gelu_gate launch between.
-// NORM_RESIDUAL (a define; CUDA only, for cuda_compat.h's arrive_last; with GATED): the launch
-// ends a sub-block as norm_residual does, on the product's rows: out = (residual +
-// RMSNorm(product) * norm_w) * scale, and with NEXT_NORM (a define) normed = RMSNorm(out) * next_w.
-// Each threadgroup leaves its rows of the product, rounded to T, in the float32 scratch input
-// `projected` [M * N]; the last to finish reads them back. Extra inputs: residual [M, N], norm_w
-// [N], scale [1], next_w [N] (NEXT_NORM), params float32 [eps], arrivals uint32 (0 between
-// launches), projected. Extra templates: HAS_SCALE, HIDDEN (N).
+// NORM_RESIDUAL (a define; CUDA only, for cuda_compat.h's arrive_last): the launch ends a
+// sub-block as norm_residual does, on the product's rows: out = (residual + RMSNorm(product) *
+// norm_w) * scale, and with NEXT_NORMS (a define, 0-3) normed = RMSNorm(out) * next_w, normed_2
+// and normed_3 likewise with next_w_2 and next_w_3. Each threadgroup leaves its rows of the
+// product, rounded to T, in the float32 scratch input `projected` [M * N]; the last to finish
+// reads them back. Extra inputs: residual [M, N], norm_w [N], scale [1], next_w, next_w_2,
+// next_w_3 [N] (up to NEXT_NORMS), params float32 [eps], arrivals uint32 (0 between launches),
+// projected. Extra templates: HAS_SCALE, HIDDEN (N).
 // In: x [M, x columns] (T; GATED: the gate, its first K columns), GATED: up [M, up columns] and
 // up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
 // biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
-// Out: [M, N] in T (NORM_RESIDUAL: out and, with NEXT_NORM, normed).
+// Out: [M, N] in T (NORM_RESIDUAL: out, then the NEXT_NORMS normed outputs).
 // Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups.
 // Templates: T, WT (w's type), M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16), W_BF16 (WT is
 // bfloat16); K and N are read from the shapes, so one build serves every projection of a model.
@@ -189,8 +190,8 @@
     }
   }
 #if NORM_RESIDUAL
-  // The last threadgroup to finish runs norm_residual (norm_residual.metal, one next norm at most)
-  // over the product's rows, which the others left in `projected`.
+  // The last threadgroup to finish runs norm_residual (norm_residual.metal) over the product's
+  // rows, which the others left in `projected`.
   threadgroup uint finishes[1];
   threadgroup float buf[SIMDS];
   const uint tid = group_simd * 32 + lane;
@@ -236,16 +237,14 @@
         }
         for (int k = 0; k < CHUNK; k++) {
           const int i = int(tid) + (k0 + k) * TG;
-          const float n = round_to<T>(xs[k] * r * ws[k]);
-          float h = round_to<T>(res[k] + n);
-          h = HAS_SCALE ? round_to<T>(h * sc) : h;
+          const float h = residual_value<T, HAS_SCALE>(xs[k], r, ws[k], res[k], sc);
           if (i < HIDDEN) {
             out[base + i] = static_cast<T>(h);
             ss_out += h * h;
           }
         }
       }
-#if NEXT_NORM
+#if NEXT_NORMS > 0
       const float r_out = metal::precise::rsqrt(block_sum<SIMDS>(ss_out, buf, lane, group_simd) / float(HIDDEN) + eps);
       for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
         float hs[CHUNK];
@@ -258,7 +257,14 @@
         for (int k = 0; k < CHUNK; k++) {
           const int i = int(tid) + (k0 + k) * TG;
           if (i < HIDDEN) {
-            normed[base + i] = static_cast<T>(hs[k] * r_out * ws[k]);
+            const float v = hs[k] * r_out;
+            normed[base + i] = static_cast<T>(v * ws[k]);
+#if NEXT_NORMS > 1
+            normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
+#endif
+#if NEXT_NORMS > 2
+            normed_3[base + i] = static_cast<T>(v * static_cast<float>(next_w_3[i]));
+#endif
           }
         }
       }

@@ -17,8 +17,11 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
-from .kernels import MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_ref, select_kernels
+from .kernels import (
+    MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_norm_residual_supports, qmv_ref, select_kernels,
+)
 from .kernels._source import POOLED_MAX_BYTES, parameter_array
+from .kernels.norm_residual import NextWeights
 from .rope import LayerRoPE
 
 # Decode of models up to this width is bound by per-operation host overhead, so fewer, larger
@@ -132,9 +135,19 @@ def gated_projection(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.a
     return linear(ops.gelu_gate(gate, up, up_offset))
 
 
-def projected_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None, up_offset: int,
-                       weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
-                       next_weight: mx.array | None = None) -> mx.array | tuple[mx.array, mx.array]:
+def projected_residual(ops: KernelSet, linear: nn.Module, x: mx.array, weight: mx.array, residual: mx.array,
+                       scale: mx.array | None, eps: float, next_weight: NextWeights = None) -> mx.array | tuple:
+    """ops.norm_residual(linear(x), weight, residual, scale, eps, next_weight), the end of a
+    sub-block: in one launch at decode where the kernel set has qmv_norm_residual."""
+    operands = _projection_operands(linear) if ops.qmv_norm_residual else None
+    if operands and qmv_norm_residual_supports(x, *operands):
+        return ops.qmv_norm_residual(x, *operands, weight, residual, scale, eps, next_weight)
+    return ops.norm_residual(linear(x), weight, residual, scale, eps, next_weight)
+
+
+def gated_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None, up_offset: int,
+                   weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
+                   next_weight: mx.array | None = None) -> mx.array | tuple[mx.array, mx.array]:
     """ops.norm_residual(gated_projection(...), weight, residual, scale, eps, next_weight), the end
     of a sub-block: in one launch at decode where the kernel set has gated_qmv_norm_residual."""
     operands = _projection_operands(linear) if ops.gated_qmv_norm_residual else None
@@ -145,7 +158,7 @@ def projected_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx
 
 
 def _projection_operands(linear: nn.Module) -> tuple | None:
-    """gated_qmv's (w, scales, biases, group_size, bits) for a bias-free Linear or affine
+    """qmv's (w, scales, biases, group_size, bits) for a bias-free Linear or affine
     QuantizedLinear (what the converter writes); None for other layers."""
     if "bias" in linear:
         return None
@@ -207,6 +220,8 @@ class Attention(nn.Module):
         return self.ops.sliding_decode_attention if self.is_sliding else self.ops.full_decode_attention
 
     def __call__(self, x, mask, rope_offset, cache=None, shared_kv=None):
+        """(the heads' output [B, L, heads * D], kv): o_proj is the layer's, which ends the
+        sub-block with it (projected_residual)."""
         B, L, _ = x.shape
         projected = [self[name](x) for name in self.projections]
         projected = projected[0] if len(projected) == 1 else mx.concatenate(projected, axis=-1)
@@ -230,7 +245,7 @@ class Attention(nn.Module):
         else:
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
             out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out), (keys, values)
+        return out, (keys, values)
 
     def fuse_projections(self):
         """One q|k|v matmul instead of three (Model.fuse_projections)."""
@@ -458,15 +473,15 @@ class DecoderLayer(nn.Module):
         """`normed`: input_layernorm(h), computed by the layer before; `per_layer_inputs`: every
         layer's, [B, L, layers * P]; `expert_rows`: see grouped_experts. Returns (h, h normed by
         `next_norm`, the next layer's input norm or the final norm, kv)."""
-        # (residual + RMSNorm(x) * w) * scale, then the next sub-block's norm, in one pass
-        norm_residual = self.ops.norm_residual
-        attn, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
+        # Each sub-block ends in (residual + RMSNorm(x) * w) * scale and the next one's norms, in one pass.
+        heads, kv = self.self_attn(normed, mask, rope_offset, cache, shared_kv)
         next_norms = (self.pre_feedforward_layernorm.weight,)
         if "router" in self:
             # The router and the experts read the post-attention residual, each through its own norm.
             next_norms += (self.router.scale, self.pre_feedforward_layernorm_2.weight)
-        h, mlp_input, *moe_inputs = norm_residual(attn, self.post_attention_layernorm.weight, h, None, self.eps,
-                                                  next_norms)
+        h, mlp_input, *moe_inputs = projected_residual(self.ops, self.self_attn.o_proj, heads,
+                                                       self.post_attention_layernorm.weight, h, None, self.eps,
+                                                       next_norms)
 
         residual = h
         if "router" in self:
@@ -479,15 +494,15 @@ class DecoderLayer(nn.Module):
             feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights, *branch_norms)
         else:
             gate, up = self.mlp.gated_inputs(mlp_input)
-            feed_forward_end = partial(projected_residual, self.ops, self.mlp.down_proj, gate, up, 0)
+            feed_forward_end = partial(gated_residual, self.ops, self.mlp.down_proj, gate, up, 0)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
         if per_layer_inputs is None:
             return *feed_forward_end(self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
                                      next_norm), kv
         h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
-        return *projected_residual(self.ops, self.per_layer_projection, self.per_layer_input_gate(h), per_layer_inputs,
-                                   self.ple_column, self.post_per_layer_input_norm.weight, h, self.layer_scalar,
-                                   self.eps, next_norm), kv
+        return *gated_residual(self.ops, self.per_layer_projection, self.per_layer_input_gate(h), per_layer_inputs,
+                               self.ple_column, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
+                               next_norm), kv
 
 
 class Model(nn.Module):

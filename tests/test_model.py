@@ -380,6 +380,39 @@ def test_decode_sub_blocks_end_in_the_kernel_sets_gated_qmv_norm_residual(checkp
     assert {shape for *_, shape in calls} == {(1, 1, model.config.hidden_size)}
 
 
+# Quantized in float32: on the CPU the model hands its quantized products float32 inputs, as the twin does there.
+@pytest.mark.parametrize("name,dtype,quantize_bits",
+                         [("ple_shared", "bfloat16", None), ("ple_shared", "float32", 4), ("moe", "float32", 4)])
+def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkpoints, name, dtype, quantize_bits):
+    """At decode, every layer's attention block ends in `ops.qmv_norm_residual`: o_proj and the
+    post-attention norm_residual in one launch, with the feed-forward block's input norm (a MoE
+    layer's three); prompt chunks take o_proj and norm_residual apart. Tokens stay the two ops'."""
+    import dataclasses
+
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS, qmv_norm_residual_ref
+
+    model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
+    prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    calls = []
+
+    def counted(x, w, scales, *rest):
+        *_, scale, eps, next_weight = rest
+        calls.append((x.shape, scales is None, scale is None, len(next_weight)))
+        return qmv_norm_residual_ref(x, w, scales, *rest)
+
+    model.use_kernels(dataclasses.replace(TWINS, qmv_norm_residual=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    config = model.config
+    next_norms = 3 if config.enable_moe_block else 1
+    assert {call[1:] for call in calls} == {(quantize_bits is None, True, next_norms)}
+    # The heads' outputs of every layer kind, one row each.
+    widths = {config.num_attention_heads * layer.head_dim for layer in config.layers}
+    assert {shape for shape, *_ in calls} == {(1, 1, width) for width in widths}
+    assert len(calls) % len(model.layers) == 0 and len(calls) >= 2 * len(model.layers)
+
+
 def test_quantized_matmuls_take_float32_inputs_on_the_cpu(checkpoints, monkeypatch):
     """On MLX's CPU back end a bfloat16 model hands its quantized projections, tied head and
     experts float32 inputs (8x faster there) and keeps its dtype; elsewhere they take bfloat16."""

@@ -18,8 +18,8 @@ from .moe_router import moe_router, moe_router_ref
 from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
 from .qmv import (
-    gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv, qmv_ref,
-    qmv_supports,
+    gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv,
+    qmv_norm_residual, qmv_norm_residual_ref, qmv_norm_residual_supports, qmv_ref, qmv_supports,
 )
 from .rope_norm import rope_norm, rope_norm_ref
 
@@ -43,8 +43,11 @@ class KernelSet:
     # None: the projection's own op after gelu_gate
     gated_qmv: Callable | None = None
     # gated_qmv and the norm_residual that ends the sub-block in one launch at decode
-    # (model.projected_residual); None: the two ops
+    # (model.gated_residual); None: the two ops
     gated_qmv_norm_residual: Callable | None = None
+    # a projection and the norm_residual that ends the sub-block in one launch at decode
+    # (model.projected_residual: attention's o_proj); None: the two ops
+    qmv_norm_residual: Callable | None = None
 
 
 PROMPT_ROWS = 32  # rows of a call from which gelu_gate's kernel beats its compiled twin
@@ -109,11 +112,12 @@ KERNELS = KernelSet(
     uses_kernels=True,
     gated_qmv=gated_qmv,
     gated_qmv_norm_residual=gated_qmv_norm_residual,
+    qmv_norm_residual=qmv_norm_residual,
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
     rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, moe_router,
-    moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual,
+    moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
@@ -134,5 +138,6 @@ __all__ = [
     "decode_attention_ref", "gated_qmv", "gated_qmv_norm_residual", "gated_qmv_norm_residual_ref", "gated_qmv_ref",
     "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
     "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
-    "ple_inputs_ref", "qmv", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
+    "ple_inputs_ref", "qmv", "qmv_norm_residual", "qmv_norm_residual_ref", "qmv_norm_residual_supports", "qmv_ref",
+    "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -1,8 +1,8 @@
 """qmv: a quantized matrix-vector product for decode (metal/qmv.metal), with MLX's affine 4- and
 8-bit layout. MLX's CUDA qmv reads 4-bit weights at 0.5-1.0 TB/s on an H100, a third of its
 bf16 matrix-vector rate (bench/kernels.py), so a 4-bit decode step was no faster than bf16.
-gated_qmv makes gelu_gate's product as it loads x; gated_qmv_norm_residual also ends the
-sub-block with norm_residual, on CUDA in the same launch."""
+gated_qmv makes gelu_gate's product as it loads x; qmv_norm_residual and gated_qmv_norm_residual
+also end the sub-block with norm_residual, on CUDA in the same launch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from ._source import arrival_counters, build, last_threadgroup_merges, scalars
 from .decode_attention import MAX_DECODE_QUERIES
 from .gelu_gate import column_input, gelu_gate_ref
-from .norm_residual import norm_residual, norm_residual_ref
+from .norm_residual import MAX_NEXT_NORMS, NextWeights, next_weight_tuple, norm_residual, norm_residual_ref
 
 DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-byte load)
 RPS = 4  # weight rows per threadgroup: they share each x load
@@ -59,14 +59,25 @@ def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, gro
     return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS)[0]
 
 
+def _product_ref(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int,
+                 bits: int) -> mx.array:
+    """x @ w.T: w dequantized as in qmv_ref, or a dense [N, K] w where scales is None."""
+    return x @ w.T if scales is None else qmv_ref(x, w, scales, biases, group_size, bits)
+
+
+def _fits_layout(K: int, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int,
+                 bits: int) -> bool:
+    """Whether qmv reads w over K values a row: one of its quantized layouts or a 16-bit dense w."""
+    if scales is None:
+        return w.dtype in (mx.bfloat16, mx.float16) and K % (128 // DENSE_BITS) == 0
+    return _fits_quantized(K, biases, group_size, bits)
+
+
 def gated_qmv_ref(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
                   biases: mx.array | None, group_size: int, bits: int) -> mx.array:
     """gelu_gate_ref(gate, up, up_offset) @ w.T: dequantized w as in qmv_ref, or a dense [N, K] w
     where scales is None (group_size and bits then unread)."""
-    x = gelu_gate_ref(gate, up, up_offset)
-    if scales is None:
-        return x @ w.T
-    return qmv_ref(x, w, scales, biases, group_size, bits)
+    return _product_ref(gelu_gate_ref(gate, up, up_offset), w, scales, biases, group_size, bits)
 
 
 def _gated_operands(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
@@ -85,13 +96,10 @@ def gated_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: m
     """Decode-sized calls whose operands the GATED kernel reads: whole 16-byte loads (of rows
     that start 16-byte aligned where x is bfloat16) and qmv's quantized layouts or a 16-bit w."""
     halves = up is None
-    up, up_offset, K, kernel_bits = _gated_operands(gate, up, up_offset, w, scales, bits)
+    up, up_offset, K, _ = _gated_operands(gate, up, up_offset, w, scales, bits)
     if gate.size > MAX_DECODE_QUERIES * gate.shape[-1] or up.shape[:-1] != gate.shape[:-1]:
         return False
-    if scales is None:
-        fits_layout = w.dtype in (mx.bfloat16, mx.float16) and K % (128 // kernel_bits) == 0
-    else:
-        fits_layout = _fits_quantized(K, biases, group_size, bits)
+    fits_layout = _fits_layout(K, w, scales, biases, group_size, bits)
     aligned = gate.dtype != mx.bfloat16 or all(n % 8 == 0 for n in (gate.shape[-1], up.shape[-1], up_offset))
     covered = gate.shape[-1] == 2 * K if halves else gate.shape[-1] >= K and up.shape[-1] >= up_offset + K
     return fits_layout and aligned and covered
@@ -109,15 +117,33 @@ def gated_qmv(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, 
                    simds)[0]
 
 
+def qmv_norm_residual_ref(
+    x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int,
+    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, next_weight: NextWeights = None,
+) -> mx.array | tuple[mx.array, ...]:
+    """norm_residual_ref(x @ w.T, weight, residual, scale, eps, next_weight), w as in
+    gated_qmv_ref: the end of a sub-block whose last op is a projection (attention's o_proj)."""
+    product = _product_ref(x, w, scales, biases, group_size, bits)
+    return norm_residual_ref(product, weight, residual, scale, eps, next_weight)
+
+
+def qmv_norm_residual_supports(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None,
+                               group_size: int, bits: int) -> bool:
+    """Decode-sized calls over a layout qmv reads (its K keeps rows of x 16-byte aligned)."""
+    K = x.shape[-1]
+    stored = w.shape[-1] if scales is None else w.shape[-1] * 32 // bits
+    return x.size <= MAX_DECODE_QUERIES * K and stored == K and _fits_layout(K, w, scales, biases, group_size, bits)
+
+
 def gated_qmv_norm_residual_ref(
     gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
     biases: mx.array | None, group_size: int, bits: int, weight: mx.array, residual: mx.array,
-    scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
-) -> mx.array | tuple[mx.array, mx.array]:
-    """norm_residual_ref(gated_qmv_ref(...), weight, residual, scale, eps, next_weight): the end of
-    a sub-block whose last op is a gated projection (the MLP's down, the PLE projection)."""
-    product = gated_qmv_ref(gate, up, up_offset, w, scales, biases, group_size, bits)
-    return norm_residual_ref(product, weight, residual, scale, eps, next_weight)
+    scale: mx.array | None, eps: float, next_weight: NextWeights = None,
+) -> mx.array | tuple[mx.array, ...]:
+    """qmv_norm_residual_ref of gelu_gate_ref(gate, up, up_offset): the end of a sub-block whose
+    last op is a gated projection (the MLP's down, the PLE projection)."""
+    x = gelu_gate_ref(gate, up, up_offset)
+    return qmv_norm_residual_ref(x, w, scales, biases, group_size, bits, weight, residual, scale, eps, next_weight)
 
 
 @functools.cache
@@ -126,31 +152,57 @@ def _product_scratch(size: int) -> mx.array:
     return mx.array(np.zeros(size, np.float32))
 
 
+def _norm_residual_launch(
+    leading: dict[str, mx.array], gated: bool, x: mx.array, w: mx.array, scales: mx.array | None,
+    biases: mx.array | None, group_size: int, kernel_bits: int, weight: mx.array, residual: mx.array,
+    scale: mx.array | None, eps: float, next_weight: NextWeights,
+) -> mx.array | tuple[mx.array, ...]:
+    """A NORM_RESIDUAL launch (CUDA): the `leading` inputs before w (x's rows, and where gated
+    also up and its first column), then norm_residual's operands, arrivals and the scratch."""
+    next_weights = next_weight_tuple(next_weight)
+    count = len(next_weights)
+    if count > MAX_NEXT_NORMS:
+        raise ValueError(f"qmv_norm_residual writes at most {MAX_NEXT_NORMS} next norms, got {count}")
+    kernel = build(
+        "qmv", "qmv",
+        (*leading, "w", "scales", "biases", "residual", "norm_w", "scale",
+         *("next_w", "next_w_2", "next_w_3")[:count], "params", "arrivals", "projected"),
+        ("out", "normed", "normed_2", "normed_3")[: 1 + count],
+        defines=(("GATED", int(gated)), ("NORM_RESIDUAL", 1), ("NEXT_NORMS", count)),
+    )
+    if scales is None:  # unread by a dense build
+        scales = biases = column_input(0)
+    inputs = [*leading.values(), w, scales, biases, residual, weight, weight if scale is None else scale,
+              *next_weights, scalars(eps), arrival_counters(1), _product_scratch(residual.size)]
+    # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
+    outputs = _launch(kernel, inputs, x, w, group_size, kernel_bits, SIMDS,
+                      (("HAS_SCALE", scale is not None), ("HIDDEN", w.shape[0])), 1 + count)
+    return outputs[0] if next_weight is None else tuple(outputs)
+
+
+def qmv_norm_residual(
+    x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int,
+    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, next_weight: NextWeights = None,
+) -> mx.array | tuple[mx.array, ...]:
+    """One launch on CUDA (NORM_RESIDUAL: the last threadgroup norms the product's rows), as a
+    decode step is bound by its host cost per graph node; the product then norm_residual on Metal."""
+    if not last_threadgroup_merges():
+        product = _product_ref(x, w, scales, biases, group_size, bits)
+        return norm_residual(product, weight, residual, scale, eps, next_weight)
+    return _norm_residual_launch({"x": x}, False, x, w, scales, biases, group_size,
+                                 DENSE_BITS if scales is None else bits, weight, residual, scale, eps, next_weight)
+
+
 def gated_qmv_norm_residual(
     gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
     biases: mx.array | None, group_size: int, bits: int, weight: mx.array, residual: mx.array,
-    scale: mx.array | None, eps: float, next_weight: mx.array | None = None,
-) -> mx.array | tuple[mx.array, mx.array]:
-    """One launch on CUDA (NORM_RESIDUAL: the last threadgroup norms the product's rows), as a
-    decode step is bound by its host cost per graph node; gated_qmv then norm_residual on Metal."""
+    scale: mx.array | None, eps: float, next_weight: NextWeights = None,
+) -> mx.array | tuple[mx.array, ...]:
+    """As qmv_norm_residual, of gelu_gate's product (GATED); gated_qmv then norm_residual on Metal."""
     if not last_threadgroup_merges():
         product = gated_qmv(gate, up, up_offset, w, scales, biases, group_size, bits)
         return norm_residual(product, weight, residual, scale, eps, next_weight)
     up, up_offset, _, kernel_bits = _gated_operands(gate, up, up_offset, w, scales, bits)
-    next_norm = next_weight is not None
-    kernel = build(
-        "qmv", "qmv",
-        ("x", "up", "up_column", "w", "scales", "biases", "residual", "norm_w", "scale", *("next_w",) * next_norm,
-         "params", "arrivals", "projected"),
-        ("out", *("normed",) * next_norm),
-        defines=(("GATED", 1), ("NORM_RESIDUAL", 1), ("NEXT_NORM", int(next_norm))),
-    )
-    if scales is None:  # unread by a dense build
-        scales = biases = column_input(0)
-    inputs = [gate, up, column_input(up_offset), w, scales, biases, residual, weight,
-              weight if scale is None else scale, *[next_weight] * next_norm, scalars(eps), arrival_counters(1),
-              _product_scratch(residual.size)]
-    # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
-    outputs = _launch(kernel, inputs, gate, w, group_size, kernel_bits, SIMDS,
-                      (("HAS_SCALE", scale is not None), ("HIDDEN", w.shape[0])), 1 + next_norm)
-    return tuple(outputs) if next_norm else outputs[0]
+    leading = {"x": gate, "up": up, "up_column": column_input(up_offset)}
+    return _norm_residual_launch(leading, True, gate, w, scales, biases, group_size, kernel_bits, weight, residual,
+                                 scale, eps, next_weight)

@@ -1,9 +1,11 @@
 """qmv kernel vs its twin (MLX's quantized_matmul) on the decode projections of the four models,
 4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides; its
-GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights, and that
-build ending the sub-block with norm_residual (NORM_RESIDUAL)."""
+GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights, and both
+builds ending the sub-block with norm_residual (NORM_RESIDUAL)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import mlx.core as mx
 import pytest
@@ -11,7 +13,7 @@ from tolerances import DTYPES, assert_close, random, requires_gpu
 
 from mlx_gemma4.kernels import (
     MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref,
-    norm_residual_ref, qmv, qmv_ref,
+    norm_residual_ref, qmv, qmv_norm_residual, qmv_norm_residual_supports, qmv_ref,
 )
 from mlx_gemma4.kernels._source import arrival_counters
 
@@ -86,26 +88,75 @@ def test_gated_matches_twin(dtype, bits, rows, shape):
     )
 
 
-@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.bfloat16, 4), (mx.float16, 8), (mx.float32, 4)], ids=str)
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("shape", GATED_SHAPES, ids=str)
-@pytest.mark.parametrize("ends", ["plain", "scaled_next_norm"])
-def test_gated_norm_residual_matches_the_product_through_norm_residual(dtype, bits, rows, shape, ends):
-    """gated_qmv_norm_residual = norm_residual of gated_qmv's product, with and without
-    layer_scalar and the next norm: on CUDA one launch whose last threadgroup norms the rows
-    (its counter is 0 after each call, so the second call sees what the first did)."""
-    N = shape[1]
-    operands = gated_operands(dtype, bits, rows, shape)
+NORM_RESIDUAL_KINDS = [(mx.bfloat16, 16), (mx.bfloat16, 4), (mx.float16, 8), (mx.float32, 4)]
+# The sub-block ends: plain (the MLP's down in a PLE layer), layer_scalar and the next norm (the
+# PLE projection), the MoE layer's three next norms after o_proj.
+ENDS = {"plain": (False, 0), "scaled_next_norm": (True, 1), "three_next_norms": (False, 3)}
+
+
+def norm_residual_cases(shapes) -> list:
+    """(dtype, bits, rows, shape, ends): each kind on each shape, the row counts and ends taken in
+    turn; every case is a build of its own, and each takes seconds to compile."""
+    kinds_on_shapes = [(kind, shape) for kind in NORM_RESIDUAL_KINDS for shape in shapes]
+    return [
+        pytest.param(dtype, bits, (1, 3)[i % 2], shape, list(ENDS)[i % len(ENDS)],
+                     id=f"{dtype}-{bits}-{(1, 3)[i % 2]}-{shape}-{list(ENDS)[i % len(ENDS)]}")
+        for i, ((dtype, bits), shape) in enumerate(kinds_on_shapes)
+    ]
+
+
+def sub_block_end(dtype, rows: int, N: int, ends: str) -> tuple:
+    """norm_residual's (weight, residual, scale, next_weight) for an ENDS entry."""
+    scaled, next_norms = ENDS[ends]
     residual = random((1, rows, N), dtype, seed=5)
     weight = random((N,), dtype, seed=6)
-    scale = mx.array([0.7], dtype) if ends != "plain" else None
-    next_weight = random((N,), dtype, seed=7) if ends != "plain" else None
-    expected = norm_residual_ref(gated_qmv(*operands), weight, residual, scale, 1e-6, next_weight)
-    expected = expected if next_weight is not None else (expected,)
+    scale = mx.array([0.7], dtype) if scaled else None
+    next_weights = tuple(random((N,), dtype, seed=7 + i) for i in range(next_norms))
+    return weight, residual, scale, next_weights[0] if next_norms == 1 else next_weights or None
+
+
+def assert_ends_sub_block(fused, product: mx.array, end: tuple, dtype, label: str) -> None:
+    """fused(*end) = norm_residual_ref(product, *end), twice: its counter is 0 after each call,
+    so the second call sees what the first did."""
+    expected = norm_residual_ref(product, *end[:3], 1e-6, end[3])
+    expected = expected if isinstance(expected, tuple) else (expected,)
     for _ in range(2):
-        out = gated_qmv_norm_residual(*operands, weight, residual, scale, 1e-6, next_weight)
-        out = out if next_weight is not None else (out,)
+        out = fused(*end[:3], 1e-6, end[3])
+        out = out if isinstance(out, tuple) else (out,)
         assert len(out) == len(expected)
-        for name, got, want in zip(("out", "normed"), out, expected):
-            assert_close(got, want, dtype, f"gated_qmv_norm_residual {name}[{dtype} {bits}-bit N{N} M{rows} {ends}]")
+        for name, got, want in zip(("out", "normed", "normed_2", "normed_3"), out, expected):
+            assert_close(got, want, dtype, f"{label} {name}")
         assert not arrival_counters(1).any().item()
+
+
+@pytest.mark.parametrize("dtype,bits,rows,shape,ends", norm_residual_cases(GATED_SHAPES))
+def test_gated_norm_residual_matches_the_product_through_norm_residual(dtype, bits, rows, shape, ends):
+    """gated_qmv_norm_residual = norm_residual of gated_qmv's product: on CUDA one launch whose
+    last threadgroup norms the rows."""
+    N = shape[1]
+    operands = gated_operands(dtype, bits, rows, shape)
+    assert_ends_sub_block(partial(gated_qmv_norm_residual, *operands), gated_qmv(*operands),
+                          sub_block_end(dtype, rows, N, ends), dtype,
+                          f"gated_qmv_norm_residual[{dtype} {bits}-bit N{N} M{rows} {ends}]")
+
+
+# (K, N): E2B's and the 31B's o_proj, a ragged N.
+PLAIN_SHAPES = [(2048, 1536), (16384, 5376), (512, 1003)]
+
+
+@pytest.mark.parametrize("dtype,bits,rows,shape,ends", norm_residual_cases(PLAIN_SHAPES))
+def test_norm_residual_matches_the_product_through_norm_residual(dtype, bits, rows, shape, ends):
+    """qmv_norm_residual = norm_residual of x @ w.T (quantized, or a 16-bit dense w), as
+    attention's o_proj ends its sub-block."""
+    K, N = shape
+    weight = random((N, K), dtype, scale=0.05, seed=K + N)
+    x = random((1, rows, K), dtype, seed=rows)
+    if bits == 16:
+        operands = (weight, None, None, 0, 0)
+        product = (x.astype(mx.float32) @ weight.astype(mx.float32).T).astype(dtype)
+    else:
+        operands = (*mx.quantize(weight, group_size=64, bits=bits), 64, bits)
+        product = qmv(x, *operands)
+    assert qmv_norm_residual_supports(x, *operands)
+    assert_ends_sub_block(partial(qmv_norm_residual, x, *operands), product, sub_block_end(dtype, rows, N, ends),
+                          dtype, f"qmv_norm_residual[{dtype} {bits}-bit K{K} N{N} M{rows} {ends}]")

@@ -168,24 +168,31 @@ def test_fused_attention_keeps_its_split_scratch_in_inputs(cuda_builds, fused):
         assert cuda_builds[1]["input_names"] == splits and cuda_builds[1]["output_names"] == ["out"]
 
 
-@pytest.mark.parametrize("next_norm", [False, True])
-def test_gated_norm_residual_leaves_the_product_in_scratch_inputs(cuda_builds, next_norm):
-    """NORM_RESIDUAL declares the block's outputs alone (out, and normed with a next norm): the
-    product's rows go to a float32 scratch input sized for them, and the launches share it and
-    the arrival counter, the same arrays every call."""
-    from mlx_gemma4.kernels import gated_qmv_norm_residual
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("next_norms", [0, 1, 3])
+def test_norm_residual_builds_leave_the_product_in_scratch_inputs(cuda_builds, gated, next_norms):
+    """NORM_RESIDUAL declares the block's outputs alone (out, and a normed output per next norm):
+    the product's rows go to a float32 scratch input sized for them, and the launches share it
+    and the arrival counter, the same arrays every call."""
+    from mlx_gemma4.kernels import gated_qmv_norm_residual, qmv_norm_residual
 
-    gate, w, vector = mx.zeros((1, 2, 2 * 64)), mx.zeros((48, 64), mx.bfloat16), mx.ones((48,))
+    x, w, vector = mx.zeros((1, 2, 2 * 64)), mx.zeros((48, 64), mx.bfloat16), mx.ones((48,))
     residual = mx.zeros((1, 2, 48))
+    next_weight = {0: None, 1: vector}.get(next_norms, (vector,) * next_norms)
     for _ in range(2):
-        out = gated_qmv_norm_residual(gate, None, 0, w, None, None, 0, 0, vector, residual, None, 1e-6,
-                                      vector if next_norm else None)
+        if gated:
+            out = gated_qmv_norm_residual(x, None, 0, w, None, None, 0, 0, vector, residual, None, 1e-6,
+                                          next_weight)
+        else:
+            out = qmv_norm_residual(x[..., :64], w, None, None, 0, 0, vector, residual, None, 1e-6, next_weight)
     (spec,) = cuda_builds
-    assert spec["output_names"] == ["out", "normed"][: 1 + next_norm]
-    assert spec["input_names"][6:] == ["residual", "norm_w", "scale", *["next_w"] * next_norm, "params", "arrivals",
-                                       "projected"]
-    assert "#define NORM_RESIDUAL 1\n" in spec["source"] and f"#define NEXT_NORM {int(next_norm)}\n" in spec["source"]
+    assert spec["output_names"] == ["out", "normed", "normed_2", "normed_3"][: 1 + next_norms]
+    leading = ["x", "up", "up_column"] if gated else ["x"]
+    assert spec["input_names"] == [*leading, "w", "scales", "biases", "residual", "norm_w", "scale",
+                                   *["next_w", "next_w_2", "next_w_3"][:next_norms], "params", "arrivals", "projected"]
+    defines = f"#define GATED {int(gated)}\n#define NORM_RESIDUAL 1\n#define NEXT_NORMS {next_norms}\n"
+    assert spec["source"].startswith(defines)
     first, second = spec["launched"]
     assert first[-1].shape == (2 * 48,) and first[-1].dtype == mx.float32
     assert first[-1] is second[-1] and first[-2] is second[-2]
-    assert (len(out) == 2) if next_norm else out.shape == (1, 2, 48)
+    assert (len(out) == 1 + next_norms) if next_norms else out.shape == (1, 2, 48)
