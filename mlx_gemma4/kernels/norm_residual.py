@@ -17,7 +17,7 @@ NextWeights = mx.array | tuple[mx.array, ...] | None
 MAX_NEXT_NORMS = 3  # the MoE layer's post-attention block: the dense MLP's, the router's and the experts' inputs
 
 
-def next_weight_tuple(next_weight: NextWeights) -> tuple[mx.array, ...]:
+def _as_tuple(next_weight: NextWeights) -> tuple[mx.array, ...]:
     return () if next_weight is None else next_weight if isinstance(next_weight, tuple) else (next_weight,)
 
 
@@ -32,7 +32,18 @@ def norm_residual_ref(
     h = h if scale is None else h * scale
     if next_weight is None:
         return h
-    return h, *(mx.fast.rms_norm(h, w, eps) for w in next_weight_tuple(next_weight))
+    return h, *(mx.fast.rms_norm(h, w, eps) for w in _as_tuple(next_weight))
+
+
+def next_norm_operands(next_weight: NextWeights) -> tuple[tuple[mx.array, ...], tuple[str, ...], tuple[str, ...]]:
+    """(the next norms' weights, their input names, their normed outputs' names), as the bodies
+    that end a sub-block (here and qmv.metal's NORM_RESIDUAL) declare them. Only the next norms
+    asked for are inputs and outputs: each one costs the host time per call."""
+    next_weights = _as_tuple(next_weight)
+    count = len(next_weights)
+    if count > MAX_NEXT_NORMS:
+        raise ValueError(f"a sub-block's end writes at most {MAX_NEXT_NORMS} next norms, got {count}")
+    return next_weights, ("next_w", "next_w_2", "next_w_3")[:count], ("normed", "normed_2", "normed_3")[:count]
 
 
 def _threads(N: int) -> int:
@@ -45,13 +56,8 @@ def _run(body: str, leading: dict[str, mx.array], weight: mx.array, residual: mx
     """Launch a body of norm_residual.metal: its `leading` inputs, then w, residual, scale, the
     next norms' weights (up to MAX_NEXT_NORMS) and params; one threadgroup per row of `residual`."""
     N = residual.shape[-1]
-    next_weights = next_weight_tuple(next_weight)
+    next_weights, next_inputs, normed = next_norm_operands(next_weight)
     count = len(next_weights)
-    if count > MAX_NEXT_NORMS:
-        raise ValueError(f"norm_residual writes at most {MAX_NEXT_NORMS} next norms, got {count}")
-    # Only the next norms asked for are inputs and outputs: each one costs the host time per call.
-    next_inputs = ("next_w", "next_w_2", "next_w_3")[:count]
-    normed = ("normed", "normed_2", "normed_3")[:count]
     kernel = build(
         "norm_residual", body, (*leading, "w", "residual", "scale", *next_inputs, "params"), ("out", *normed),
         defines=(("NEXT_NORMS", count),),
@@ -75,7 +81,7 @@ def norm_residual(
 ) -> mx.array | tuple[mx.array, ...]:
     N = residual.shape[-1]
     vector = residual.dtype == mx.bfloat16 and N % 8 == 0 and -(-N // _threads(N)) % 8 == 0
-    weights_bf16 = all(w.dtype == mx.bfloat16 for w in (weight, *next_weight_tuple(next_weight)))
+    weights_bf16 = all(w.dtype == mx.bfloat16 for w in (weight, *_as_tuple(next_weight)))
     template = [("VEC", vector), ("W_BF16", weights_bf16)]
     return _run("norm_residual", {"x": x}, weight, residual, scale, eps, next_weight, template)
 

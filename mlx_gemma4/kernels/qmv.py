@@ -14,7 +14,7 @@ import numpy as np
 from ._source import arrival_counters, build, last_threadgroup_merges, scalars
 from .decode_attention import MAX_DECODE_QUERIES
 from .gelu_gate import column_input, gelu_gate_ref
-from .norm_residual import MAX_NEXT_NORMS, NextWeights, next_weight_tuple, norm_residual, norm_residual_ref
+from .norm_residual import NextWeights, next_norm_operands, norm_residual, norm_residual_ref
 
 DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-byte load)
 RPS = 4  # weight rows per threadgroup: they share each x load
@@ -159,15 +159,13 @@ def _norm_residual_launch(
 ) -> mx.array | tuple[mx.array, ...]:
     """A NORM_RESIDUAL launch (CUDA): the `leading` inputs before w (x's rows, and where gated
     also up and its first column), then norm_residual's operands, arrivals and the scratch."""
-    next_weights = next_weight_tuple(next_weight)
+    next_weights, next_inputs, normed = next_norm_operands(next_weight)
     count = len(next_weights)
-    if count > MAX_NEXT_NORMS:
-        raise ValueError(f"qmv_norm_residual writes at most {MAX_NEXT_NORMS} next norms, got {count}")
     kernel = build(
         "qmv", "qmv",
-        (*leading, "w", "scales", "biases", "residual", "norm_w", "scale",
-         *("next_w", "next_w_2", "next_w_3")[:count], "params", "arrivals", "projected"),
-        ("out", "normed", "normed_2", "normed_3")[: 1 + count],
+        (*leading, "w", "scales", "biases", "residual", "norm_w", "scale", *next_inputs, "params", "arrivals",
+         "projected"),
+        ("out", *normed),
         defines=(("GATED", int(gated)), ("NORM_RESIDUAL", 1), ("NEXT_NORMS", count)),
     )
     if scales is None:  # unread by a dense build
