@@ -29,7 +29,7 @@ from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
     decode_attention, decode_attention_ref, gated_qmv, gated_qmv_ref, gelu_gate, gelu_gate_ref, moe_norm_residual,
     moe_norm_residual_ref, moe_router, moe_router_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
-    qmv, qmv_ref, rope_norm, rope_norm_ref,
+    qmm, qmm_ref, qmv, qmv_ref, rope_norm, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE  # noqa: E402
 
@@ -123,6 +123,20 @@ def bench_qmv(config, phase):
         yield f"{label} {bits}-bit [{K}]x[{N},{K}]", make
 
 
+def bench_qmm(config, phase):
+    if phase != "prefill":
+        return  # prompt chunks only; decode takes qmv
+    layer, hidden = _layer(config, "sliding_attention"), config.hidden_size
+    heads = config.num_attention_heads * layer.head_dim
+    qkv = heads + 2 * layer.num_kv_heads * layer.head_dim
+    I = layer.intermediate_size
+    for L in (128, PREFILL):  # time to the first token at p=128, then a whole chunk
+        for label, K, N, bits in (("q|k|v", hidden, qkv, 4), ("o", heads, hidden, 4), ("gate|up", hidden, 2 * I, 4),
+                                  ("down", I, hidden, 4), ("gate|up", hidden, 2 * I, 8)):
+            make = lambda: (_rand((1, L, K)), *mx.quantize(_rand((N, K), 0.02), group_size=64, bits=bits), 64, bits)  # noqa: E731,B023
+            yield f"{label} {bits}-bit [{L},{K}]x[{N},{K}]", make
+
+
 def bench_gated_qmv(config, phase):
     if phase != "decode":
         return  # decode only; prompt chunks take gelu_gate and the projection's own product
@@ -164,6 +178,7 @@ BENCHES = {
     "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
     "qmv": (bench_qmv, qmv, qmv_ref),
     "gated_qmv": (bench_gated_qmv, gated_qmv, gated_qmv_ref),
+    "qmm": (bench_qmm, qmm, qmm_ref),
     "moe_router": (bench_moe_router, moe_router, moe_router_ref),
     "moe_norm_residual": (bench_moe_norm_residual, moe_norm_residual, moe_norm_residual_ref),
 }

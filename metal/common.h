@@ -142,3 +142,78 @@ GEMMA_FN void combine_splits(P ml, P acc, int nsplit, DEV_ADDR T* out, TG_ADDR f
     out[d] = static_cast<T>(a * inv);
   }
 }
+
+#ifndef GEMMA_CUDA
+// Tensor-core tiles on Metal (qmm.metal; cuda_compat.h has them for mma.sync): a simdgroup's
+// 16x16 fragment of A (rows x K, row-major in threadgroup memory), 16x8 of B (K x columns, read
+// from an [n][k] tile) and 16x8 float32 accumulator, as 8x8 simdgroup matrices.
+template <typename T>
+struct mma_frag_a {
+  simdgroup_matrix<T, 8, 8> m[2][2];  // [row block][K block]
+};
+template <typename T>
+struct mma_frag_b {
+  simdgroup_matrix<T, 8, 8> m[2];  // [K block]
+};
+struct mma_frag_c {
+  simdgroup_matrix<float, 8, 8> m[2];  // [row block]
+};
+inline void mma_clear(thread mma_frag_c& c) {
+  c.m[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  c.m[1] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+template <typename T>
+inline void mma_load_a(thread mma_frag_a<T>& a, const threadgroup T* src, int stride, uint lane) {
+  for (int i = 0; i < 2; i++) {
+    for (int j = 0; j < 2; j++) {
+      simdgroup_load(a.m[i][j], src + 8 * i * stride + 8 * j, stride);
+    }
+  }
+}
+template <typename T>
+inline void mma_load_b(thread mma_frag_b<T>& b, const threadgroup T* src, int stride, uint lane) {
+  for (int j = 0; j < 2; j++) {
+    simdgroup_load(b.m[j], src + 8 * j, stride, ulong2(0, 0), true);
+  }
+}
+template <typename T>
+inline void mma_fma(thread mma_frag_c& c, thread const mma_frag_a<T>& a, thread const mma_frag_b<T>& b) {
+  for (int i = 0; i < 2; i++) {
+    for (int j = 0; j < 2; j++) {
+      simdgroup_multiply_accumulate(c.m[i], a.m[i][j], b.m[j], c.m[i]);
+    }
+  }
+}
+// Stores the accumulator at dst (row-major, `stride` apart), only its first `rows` x `cols`. A
+// lane holds two neighbours of each 8x8 matrix, at the place Apple GPUs give it (as MLX's steel
+// kernels read them).
+template <typename T>
+inline void mma_store(thread const mma_frag_c& c, device T* dst, int stride, int rows, int cols, uint lane) {
+  const int quad = int(lane) / 4;
+  const int row = (quad & 4) + int(lane) / 2 % 4;
+  const int col = (quad & 2) * 2 + int(lane) % 2 * 2;
+  for (int i = 0; i < 2; i++) {
+    const auto values = c.m[i].thread_elements();
+    for (int e = 0; e < 2; e++) {
+      if (8 * i + row < rows && col + e < cols) {
+        dst[(8 * i + row) * stride + col + e] = static_cast<T>(values[e]);
+      }
+    }
+  }
+}
+// Two values rounded to T, packed as a 32-bit word (the first in the low half).
+template <typename T>
+inline uint pack_pair(float a, float b) {
+  return as_type<uint>(vec<T, 2>(static_cast<T>(a), static_cast<T>(b)));
+}
+// The 8 4-bit values of `word` dequantized (scale * q + bias, rounded once to T) as 4 packed
+// pairs, values (i, i + 4) in pair i (cuda_compat.h's order).
+template <typename T>
+inline void dequantize_pairs(uint word, T scale, T bias, thread uint* pairs) {
+  for (int i = 0; i < 4; i++) {
+    const float lo = float((word >> (4 * i)) & 15u);
+    const float hi = float((word >> (4 * i + 16)) & 15u);
+    pairs[i] = pack_pair<T>(metal::fma(lo, float(scale), float(bias)), metal::fma(hi, float(scale), float(bias)));
+  }
+}
+#endif

@@ -4,6 +4,7 @@
 // here only when a body needs it.
 #pragma once
 
+#define GEMMA_CUDA 1
 typedef unsigned int uint;
 
 // Address spaces. Metal qualifies pointers (`device T*`, `threadgroup float*`); CUDA qualifies
@@ -66,6 +67,104 @@ __device__ inline T as_type(uint v);
 template <>
 __device__ inline float as_type<float>(uint v) {
   return __uint_as_float(v);
+}
+
+// Tensor-core tiles (qmm.metal; common.h has them as simdgroup matrices on Metal): a simdgroup's
+// 16x16 fragment of A (rows x K, row-major in threadgroup memory), 16x8 of B (K x columns, read
+// from an [n][k] tile) and 16x8 float32 accumulator, each lane's share as mma.sync.m16n8k16 holds
+// it. T is __nv_bfloat16 or __half; `stride` is the tile's row length in T values.
+template <typename T>
+struct mma_frag_a {
+  uint v[4];
+};
+template <typename T>
+struct mma_frag_b {
+  uint v[2];
+};
+struct mma_frag_c {
+  float v[4];
+};
+__device__ inline void mma_clear(mma_frag_c& c) {
+  for (int i = 0; i < 4; i++) c.v[i] = 0.0f;
+}
+// ldmatrix: each lane names one row of 8 values (16-byte aligned) of the 8x8 matrices it loads.
+template <typename T>
+__device__ inline void mma_load_a(mma_frag_a<T>& a, const T* src, int stride, uint lane) {
+  const T* row_start = src + (lane & 15) * stride + (lane >> 4) * 8;
+  const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(row_start));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(a.v[0]), "=r"(a.v[1]), "=r"(a.v[2]), "=r"(a.v[3]) : "r"(row));
+}
+template <typename T>
+__device__ inline void mma_load_b(mma_frag_b<T>& b, const T* src, int stride, uint lane) {
+  const T* row_start = src + (lane & 7) * stride + (lane >> 3 & 1) * 8;
+  const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(row_start));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b.v[0]), "=r"(b.v[1]) : "r"(row));
+}
+#define GEMMA_MMA_M16N8K16(TYPE)                                                                   \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                        \
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                             \
+               : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])                             \
+               : "r"(a.v[0]), "r"(a.v[1]), "r"(a.v[2]), "r"(a.v[3]), "r"(b.v[0]), "r"(b.v[1]))
+__device__ inline void mma_fma(mma_frag_c& c, const mma_frag_a<__nv_bfloat16>& a, const mma_frag_b<__nv_bfloat16>& b) {
+  GEMMA_MMA_M16N8K16("bf16");
+}
+__device__ inline void mma_fma(mma_frag_c& c, const mma_frag_a<__half>& a, const mma_frag_b<__half>& b) {
+  GEMMA_MMA_M16N8K16("f16");
+}
+// Stores the accumulator at dst (row-major, `stride` apart), only its first `rows` x `cols`.
+template <typename T>
+__device__ inline void mma_store(const mma_frag_c& c, T* dst, int stride, int rows, int cols, uint lane) {
+  const int row = int(lane >> 2);
+  const int col = int(lane & 3) * 2;
+  for (int h = 0; h < 2; h++) {
+    for (int e = 0; e < 2; e++) {
+      if (row + 8 * h < rows && col + e < cols) {
+        dst[(row + 8 * h) * stride + col + e] = static_cast<T>(c.v[2 * h + e]);
+      }
+    }
+  }
+}
+// Two values rounded to T, packed as a 32-bit word (the first in the low half).
+template <typename T>
+__device__ inline uint pack_pair(float a, float b);
+template <>
+__device__ inline uint pack_pair<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint*>(&pair);
+}
+template <>
+__device__ inline uint pack_pair<__half>(float a, float b) {
+  __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint*>(&pair);
+}
+
+// The 8 4-bit values of `word` dequantized (scale * q + bias, rounded once to T) as 4 packed
+// pairs, values (i, i + 4) in pair i: a mask puts two values into the mantissas of OFFSET (its
+// bits: MAGIC), and two paired instructions take the offset away and apply scale and bias.
+template <typename T>
+struct mma_pair;
+template <>
+struct mma_pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static constexpr uint MAGIC = 0x43004300u;
+  static constexpr float OFFSET = 128.0f;
+};
+template <>
+struct mma_pair<__half> {
+  using type = __half2;
+  static constexpr uint MAGIC = 0x64006400u;
+  static constexpr float OFFSET = 1024.0f;
+};
+template <typename T>
+__device__ inline void dequantize_pairs(uint word, T scale, T bias, uint* pairs) {
+  using T2 = typename mma_pair<T>::type;
+  const T offset = static_cast<T>(mma_pair<T>::OFFSET);
+  for (int i = 0; i < 4; i++) {
+    uint placed = ((word >> (4 * i)) & 0x000F000Fu) | mma_pair<T>::MAGIC;
+    T2 v = __hfma2(__hsub2(*reinterpret_cast<T2*>(&placed), T2(offset, offset)), T2(scale, scale), T2(bias, bias));
+    pairs[i] = *reinterpret_cast<uint*>(&v);
+  }
 }
 
 namespace metal {

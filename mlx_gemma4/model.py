@@ -114,9 +114,9 @@ class Linear(nn.Linear):
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear through `quantized_product`: the kernel set's `quantized_matmul` (MLX's
-    own in KERNELS, the qmv kernel at decode in ALL_KERNELS), or a dequantized GEMM for long
-    prompt chunks on CUDA. `Model.use_kernels` turns the QuantizedLinears that `nn.quantize`
+    """nn.QuantizedLinear through `quantized_product`: the kernel set's `quantized_matmul` (in
+    KERNELS the qmv kernel at decode and qmm on prompt chunks over large weights, MLX's own
+    elsewhere), or a dequantized GEMM for long prompt chunks on CUDA. `Model.use_kernels` turns the QuantizedLinears that `nn.quantize`
     builds into these."""
 
     def __call__(self, x: mx.array) -> mx.array:

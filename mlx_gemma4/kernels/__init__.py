@@ -17,6 +17,7 @@ from .gelu_gate import gelu_gate, gelu_gate_ref
 from .moe_router import moe_router, moe_router_ref
 from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
+from .qmm import qmm, qmm_ref, qmm_supports
 from .qmv import (
     gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv,
     qmv_norm_residual, qmv_norm_residual_ref, qmv_norm_residual_supports, qmv_ref, qmv_supports,
@@ -69,18 +70,29 @@ def _gelu_gate_by_rows(gate: mx.array, up: mx.array | None = None, up_offset: in
 QMV_MIN_WEIGHTS = 1 << 25
 
 
-def _qmv_for_decode(x, w, scales, biases, group_size, bits):
-    """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more; MLX's
-    quantized_matmul for prompt chunks and small weights. In chains of dependent 4-bit calls
-    (bench/qmv_chain.py, H100) qmv ran the 31B's MLP at 1.46-1.58x MLX's speed, its attention
-    projections at 1.16-1.34x and E4B's MLP at 1.11-1.40x; in the model, E4B 4-bit decode 1.07x
-    and, with the compiled step, 31B 1.43x."""
-    fits = (
-        x.size <= MAX_DECODE_QUERIES * x.shape[-1]
-        and w.shape[0] * x.shape[-1] >= QMV_MIN_WEIGHTS
-        and qmv_supports(x, w, biases, group_size, bits)
-    )
-    return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
+# Values of 4-bit w from which qmm runs prompt chunks on CUDA. Against MLX's quantized_matmul
+# (bench/kernels.py, H100, 128 and 512 rows): 1.29-1.56x on the 31B's projections (44-231M
+# values), 1.16-1.36x on E4B's gate|up and down (52M, 26M), 0.76-1.03x on E4B's attention (8M
+# and less) and 0.9x on E2B's gate|up (19M). 8-bit w gained 1.07-1.12x on the 31B and lost
+# 0.84-0.95x on E4B: its values are dequantized one at a time, so it stays with MLX.
+QMM_MIN_WEIGHTS = 3 << 23
+QMM_BITS = 4
+
+
+def _quantized_matmul_by_rows(x, w, scales, biases, group_size, bits):
+    """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more, qmm
+    for prompt chunks on CUDA over 4-bit weights of QMM_MIN_WEIGHTS or more; MLX's quantized_matmul
+    otherwise (and qmm's Metal build is unmeasured, against MLX's tuned Metal kernels). In chains
+    of dependent 4-bit calls (bench/qmv_chain.py, H100) qmv ran the 31B's MLP at 1.46-1.58x MLX's
+    speed, its attention projections at 1.16-1.34x and E4B's MLP at 1.11-1.40x; in the model,
+    E4B 4-bit decode 1.07x and, with the compiled step, 31B 1.43x."""
+    weights = w.shape[0] * x.shape[-1]
+    if x.size <= MAX_DECODE_QUERIES * x.shape[-1]:
+        fits = weights >= QMV_MIN_WEIGHTS and qmv_supports(x, w, biases, group_size, bits)
+        return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
+    fits = (bits == QMM_BITS and weights >= QMM_MIN_WEIGHTS and gpu_backend() == "cuda"
+            and qmm_supports(x, w, biases, group_size, bits))
+    return (qmm if fits else qmm_ref)(x, w, scales, biases, group_size, bits)
 
 
 # Query heads x keys up to which decode_attention runs a full layer. Each query head reads its
@@ -106,7 +118,7 @@ KERNELS = KernelSet(
     gelu_gate=_gelu_gate_by_rows,
     sliding_decode_attention=decode_attention,
     full_decode_attention=_full_decode_attention,
-    quantized_matmul=_qmv_for_decode,
+    quantized_matmul=_quantized_matmul_by_rows,
     moe_router=moe_router,
     moe_norm_residual=moe_norm_residual,
     uses_kernels=True,
@@ -116,8 +128,8 @@ KERNELS = KernelSet(
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
-    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _qmv_for_decode, moe_router,
-    moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
+    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _quantized_matmul_by_rows,
+    moe_router, moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
@@ -138,6 +150,6 @@ __all__ = [
     "decode_attention_ref", "gated_qmv", "gated_qmv_norm_residual", "gated_qmv_norm_residual_ref", "gated_qmv_ref",
     "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
     "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
-    "ple_inputs_ref", "qmv", "qmv_norm_residual", "qmv_norm_residual_ref", "qmv_norm_residual_supports", "qmv_ref",
-    "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
+    "ple_inputs_ref", "qmm", "qmm_ref", "qmm_supports", "qmv", "qmv_norm_residual", "qmv_norm_residual_ref",
+    "qmv_norm_residual_supports", "qmv_ref", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -141,9 +141,10 @@ def test_qmv_ref_unpacks_low_bits_first(bits):
     np.testing.assert_allclose(np64(qmv_ref(x, w, scales, biases, 64, bits)), np64(x) @ dequantized.T, rtol=1e-4, atol=1e-4)
 
 
-def test_chosen_quantized_matmul_takes_mlx_outside_qmv_shapes():
-    """The decode dispatch keeps MLX's product for prompt chunks, small weights and layouts qmv lacks."""
-    from mlx_gemma4.kernels import MAX_DECODE_QUERIES, QMV_MIN_WEIGHTS, _qmv_for_decode
+def test_chosen_quantized_matmul_takes_mlx_outside_the_kernels_shapes():
+    """The dispatch by rows keeps MLX's product for small weights, layouts qmv lacks and, off
+    CUDA, prompt chunks."""
+    from mlx_gemma4.kernels import MAX_DECODE_QUERIES, QMV_MIN_WEIGHTS, _quantized_matmul_by_rows, gpu_backend
 
     def quantized(N, K, bits):
         return mx.quantize(mx.random.normal((N, K), key=mx.random.key(12)), group_size=64, bits=bits)
@@ -152,11 +153,14 @@ def test_chosen_quantized_matmul_takes_mlx_outside_qmv_shapes():
     prompt = mx.random.normal((1, MAX_DECODE_QUERIES + 1, 128), key=mx.random.key(13))
     token = prompt[:, :1]
     # Calling the kernel on CPU raises, so equal results show the twin was taken.
-    assert mx.array_equal(_qmv_for_decode(prompt, *big, 64, 4), qmv_ref(prompt, *big, 64, 4))
+    if gpu_backend() != "cuda":
+        bf16_prompt = prompt.astype(mx.bfloat16)
+        assert mx.array_equal(_quantized_matmul_by_rows(bf16_prompt, *big, 64, 4), qmv_ref(bf16_prompt, *big, 64, 4))
+    assert mx.array_equal(_quantized_matmul_by_rows(prompt, *big, 64, 4), qmv_ref(prompt, *big, 64, 4))
     small = quantized(32, 128, 4)
-    assert mx.array_equal(_qmv_for_decode(token, *small, 64, 4), qmv_ref(token, *small, 64, 4))
+    assert mx.array_equal(_quantized_matmul_by_rows(token, *small, 64, 4), qmv_ref(token, *small, 64, 4))
     three_bit = quantized(QMV_MIN_WEIGHTS // 128, 128, 3)
-    assert mx.array_equal(_qmv_for_decode(token, *three_bit, 64, 3), qmv_ref(token, *three_bit, 64, 3))
+    assert mx.array_equal(_quantized_matmul_by_rows(token, *three_bit, 64, 3), qmv_ref(token, *three_bit, 64, 3))
     w, _, biases = small
     assert qmv_supports(token, w, biases, 64, 4) and qmv_supports(token, w, biases, 32, 8)
     assert not qmv_supports(token, w, biases, 64, 3) and not qmv_supports(token, w, biases, 16, 4)

@@ -1,0 +1,49 @@
+"""qmm: a quantized matrix product for prompt chunks on the tensor cores (metal/qmm.metal), with
+MLX's affine 4- and 8-bit layout. At 128 rows MLX's CUDA quantized_matmul runs the 31B's
+projections at 100-140 TFLOPs on an H100 (bench/kernels.py), and they take most of its time to
+the first token."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ._source import build
+from .qmv import SUPPORTED_BITS, qmv_ref
+
+BK = 64  # values of K a step of the kernel takes
+# A threadgroup's tile of out and its grid of simdgroups (BM, BN, WM, WN). It led 128 x 64 and
+# 64 x 128 tiles and 4 x 4 or 4 x 2 grids on the 31B's and E4B's projections (metal/README.md).
+TILE = (128, 128, 2, 4)
+RUN = TILE[1] * BK // (32 * TILE[2] * TILE[3])  # values of a row of w one thread dequantizes a step
+
+
+def qmm_ref(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+            bits: int) -> mx.array:
+    """x [..., K] @ dequantize(w [N, K * bits / 32]).T -> [..., N]: MLX's quantized_matmul."""
+    return qmv_ref(x, w, scales, biases, group_size, bits)
+
+
+def qmm_supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int) -> bool:
+    """16-bit x over affine 4/8-bit w whose K holds whole steps and whose groups whole runs."""
+    K = x.shape[-1]
+    return (
+        x.dtype in (mx.bfloat16, mx.float16) and bits in SUPPORTED_BITS and biases is not None
+        and K % BK == 0 and group_size % RUN == 0 and K % group_size == 0 and w.shape[-1] * 32 // bits == K
+    )
+
+
+def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+        bits: int) -> mx.array:
+    rows, N = x.size // x.shape[-1], w.shape[0]
+    bm, bn, wm, wn = TILE
+    kernel = build("qmm", "qmm", ("x", "w", "scales", "biases"), ("out",))
+    (out,) = kernel(
+        inputs=[x, w, scales, biases],
+        template=[("T", x.dtype), ("BITS", bits), ("GROUP", group_size), ("BM", bm), ("BN", bn), ("WM", wm),
+                  ("WN", wn)],
+        grid=(-(-rows // bm) * 32 * wm * wn, -(-N // bn), 1),
+        threadgroup=(32 * wm * wn, 1, 1),
+        output_shapes=[(*x.shape[:-1], N)],
+        output_dtypes=[x.dtype],
+    )
+    return out
