@@ -11,7 +11,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ._source import gpu_backend, kernels_enabled
+from ._source import gpu_backend, kernels_enabled, runs_mma_tiles
 from .decode_attention import MAX_DECODE_QUERIES, decode_attention, decode_attention_ref
 from .gelu_gate import gelu_gate, gelu_gate_ref
 from .moe_router import moe_router, moe_router_ref
@@ -81,16 +81,16 @@ QMM_BITS = 4
 
 def _quantized_matmul_by_rows(x, w, scales, biases, group_size, bits):
     """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more, qmm
-    for prompt chunks on CUDA over 4-bit weights of QMM_MIN_WEIGHTS or more; MLX's quantized_matmul
-    otherwise (and qmm's Metal build is unmeasured, against MLX's tuned Metal kernels). In chains
-    of dependent 4-bit calls (bench/qmv_chain.py, H100) qmv ran the 31B's MLP at 1.46-1.58x MLX's
-    speed, its attention projections at 1.16-1.34x and E4B's MLP at 1.11-1.40x; in the model,
-    E4B 4-bit decode 1.07x and, with the compiled step, 31B 1.43x."""
+    for prompt chunks over 4-bit weights of QMM_MIN_WEIGHTS or more where its tiles run
+    (runs_mma_tiles); MLX's quantized_matmul otherwise. In chains of dependent 4-bit calls
+    (bench/qmv_chain.py, H100) qmv ran the 31B's MLP at 1.46-1.58x MLX's speed, its attention
+    projections at 1.16-1.34x and E4B's MLP at 1.11-1.40x; in the model, E4B 4-bit decode 1.07x
+    and, with the compiled step, 31B 1.43x."""
     weights = w.shape[0] * x.shape[-1]
     if x.size <= MAX_DECODE_QUERIES * x.shape[-1]:
         fits = weights >= QMV_MIN_WEIGHTS and qmv_supports(x, w, biases, group_size, bits)
         return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
-    fits = (bits == QMM_BITS and weights >= QMM_MIN_WEIGHTS and gpu_backend() == "cuda"
+    fits = (bits == QMM_BITS and weights >= QMM_MIN_WEIGHTS and runs_mma_tiles()
             and qmm_supports(x, w, biases, group_size, bits))
     return (qmm if fits else qmm_ref)(x, w, scales, biases, group_size, bits)
 

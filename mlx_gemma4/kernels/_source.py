@@ -34,6 +34,14 @@ def last_threadgroup_merges() -> bool:
     return gpu_backend() == "cuda"
 
 
+@functools.cache
+def runs_mma_tiles() -> bool:
+    """Whether qmm's tensor-core tiles run here: CUDA from compute capability 8.0 (the shim's
+    ldmatrix and bfloat16 mma.sync). qmm's Metal build (simdgroup matrices) is unmeasured, against
+    MLX's tuned Metal kernels, so there MLX's own product stays."""
+    return gpu_backend() == "cuda" and mx.device_info().get("compute_capability_major", 0) >= 8
+
+
 def kernels_enabled() -> bool:
     """Custom kernels run when a GPU back end exists and MLX_GEMMA4_KERNELS is not "0"."""
     return gpu_backend() is not None and os.environ.get("MLX_GEMMA4_KERNELS", "1") != "0"

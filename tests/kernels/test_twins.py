@@ -142,9 +142,10 @@ def test_qmv_ref_unpacks_low_bits_first(bits):
 
 
 def test_chosen_quantized_matmul_takes_mlx_outside_the_kernels_shapes():
-    """The dispatch by rows keeps MLX's product for small weights, layouts qmv lacks and, off
-    CUDA, prompt chunks."""
-    from mlx_gemma4.kernels import MAX_DECODE_QUERIES, QMV_MIN_WEIGHTS, _quantized_matmul_by_rows, gpu_backend
+    """The dispatch by rows keeps MLX's product for small weights, layouts qmv lacks and, where
+    qmm's tiles do not run, prompt chunks."""
+    from mlx_gemma4.kernels import MAX_DECODE_QUERIES, QMV_MIN_WEIGHTS, _quantized_matmul_by_rows
+    from mlx_gemma4.kernels._source import runs_mma_tiles
 
     def quantized(N, K, bits):
         return mx.quantize(mx.random.normal((N, K), key=mx.random.key(12)), group_size=64, bits=bits)
@@ -153,7 +154,7 @@ def test_chosen_quantized_matmul_takes_mlx_outside_the_kernels_shapes():
     prompt = mx.random.normal((1, MAX_DECODE_QUERIES + 1, 128), key=mx.random.key(13))
     token = prompt[:, :1]
     # Calling the kernel on CPU raises, so equal results show the twin was taken.
-    if gpu_backend() != "cuda":
+    if not runs_mma_tiles():
         bf16_prompt = prompt.astype(mx.bfloat16)
         assert mx.array_equal(_quantized_matmul_by_rows(bf16_prompt, *big, 64, 4), qmv_ref(bf16_prompt, *big, 64, 4))
     assert mx.array_equal(_quantized_matmul_by_rows(prompt, *big, 64, 4), qmv_ref(prompt, *big, 64, 4))
