@@ -116,8 +116,8 @@ class Linear(nn.Linear):
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear through `quantized_product`: the kernel set's `quantized_matmul` (in
     KERNELS the qmv kernel at decode and qmm on prompt chunks over large weights, MLX's own
-    elsewhere), or a dequantized GEMM for long prompt chunks on CUDA. `Model.use_kernels` turns the QuantizedLinears that `nn.quantize`
-    builds into these."""
+    elsewhere), or a dequantized GEMM for long prompt chunks on CUDA. `Model.use_kernels` turns
+    the QuantizedLinears that `nn.quantize` builds into these."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.mode != "affine" or "bias" in self:  # the converter writes neither
@@ -147,7 +147,7 @@ def projected_residual(ops: KernelSet, linear: nn.Module, x: mx.array, weight: m
 
 def gated_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None, up_offset: int,
                    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
-                   next_weight: mx.array | None = None) -> mx.array | tuple[mx.array, mx.array]:
+                   next_weight: NextWeights = None) -> mx.array | tuple:
     """ops.norm_residual(gated_projection(...), weight, residual, scale, eps, next_weight), the end
     of a sub-block: in one launch at decode where the kernel set has gated_qmv_norm_residual."""
     operands = _projection_operands(linear) if ops.gated_qmv_norm_residual else None

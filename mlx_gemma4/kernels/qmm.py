@@ -8,7 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._source import build
-from .qmv import SUPPORTED_BITS, qmv_ref
+from .qmv import qmv_ref, qmv_supports
 
 BK = 64  # values of K a step of the kernel takes
 # A threadgroup's tile of out and its grid of simdgroups (BM, BN, WM, WN). It led 128 x 64 and
@@ -24,11 +24,12 @@ def qmm_ref(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
 
 
 def qmm_supports(x: mx.array, w: mx.array, biases: mx.array | None, group_size: int, bits: int) -> bool:
-    """16-bit x over affine 4/8-bit w whose K holds whole steps and whose groups whole runs."""
+    """16-bit x over a layout qmv reads (affine 4/8-bit w) whose K, w's, holds whole steps and
+    whose groups hold whole runs."""
     K = x.shape[-1]
     return (
-        x.dtype in (mx.bfloat16, mx.float16) and bits in SUPPORTED_BITS and biases is not None
-        and K % BK == 0 and group_size % RUN == 0 and K % group_size == 0 and w.shape[-1] * 32 // bits == K
+        x.dtype in (mx.bfloat16, mx.float16) and qmv_supports(x, w, biases, group_size, bits)
+        and K % BK == 0 and group_size % RUN == 0 and w.shape[-1] * 32 // bits == K
     )
 
 
