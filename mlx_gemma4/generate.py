@@ -21,15 +21,18 @@ DEFAULT_STOP_IDS = (1, 106, 50)
 def prefill(model: Model, prompt: mx.array, cache: list, step_size: int) -> mx.array:
     """Feed `prompt` [B, L] in chunks of `step_size`; logits of the last position, [B, vocab].
 
-    All but the last token only fill the caches; the last one runs as a decode step (the
-    compiled one where it applies), so nothing is computed for positions whose outputs no one reads.
+    All but the last chunk only fill the caches. In the last, the KV-shared layers and the LM
+    head run on the last position alone, so nothing is computed for positions whose outputs no
+    one reads, and the weights are read once for the chunk (the last token as a decode step of
+    its own read them again: 31B 4-bit, H100, p=128: 72.5 against 91.6 ms to the first token).
     """
     if step_size < 1:
         raise ValueError("prefill_step_size must be at least 1")
     if prompt.shape[1] <= step_size and CompiledPrompt.applies_to(model, prompt, cache):
         return CompiledPrompt.for_model(model)(prompt, cache)
-    prefill_only(model, prompt[:, :-1], cache, step_size)
-    return decode_step(model, cache)(prompt[:, -1:], cache)
+    last_chunk = (prompt.shape[1] - 1) // step_size * step_size
+    prefill_only(model, prompt[:, :last_chunk], cache, step_size)
+    return model.last_logits(prompt[:, last_chunk:], cache)
 
 
 def prefill_only(model: Model, prompt: mx.array, cache: list, step_size: int):

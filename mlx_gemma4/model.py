@@ -622,11 +622,11 @@ class Model(nn.Module):
         return mx.tanh(logits / cap) * cap if cap else logits
 
     def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False,
-                    last: mx.array | None = None, expert_rows: ExpertRows | None = None) -> mx.array:
+                    last: mx.array | int | None = None, expert_rows: ExpertRows | None = None) -> mx.array:
         """The decoder's output through the final norm; `stop_at_shared` ends before the first
         KV-shared layer (the output is then not the model's and goes unread); `hand_over`: on a
         GPU, queue each layer as it is built (prefill; not inside a compiled graph); `last`: see
-        `last_logits`; `expert_rows`: see grouped_experts."""
+        `last_logits` (-1: the chunk's final row); `expert_rows`: see grouped_experts."""
         L = inputs.shape[1]
         h = self._embed(inputs)
         per_layer = self._per_layer_inputs(inputs, h)
@@ -644,12 +644,19 @@ class Model(nn.Module):
             owner = spec.kv_source == i
             if stop_at_shared and not owner:
                 break
-            if last is not None and not owner and h.shape[1] > 1:
+            if last is not None and not owner and h.shape[1] > 1 and isinstance(last, mx.array):
                 # Past the cache owners only the row at `last` goes on, seeing the keys up to it.
                 h, normed = mx.take(h, last, axis=1), mx.take(normed, last, axis=1)
                 per_layer = None if per_layer is None else mx.take(per_layer, last, axis=1)
                 masks = {kind: cache[index].last_token_mask(last) for kind, index in self._first_cache_of_type.items()}
                 offset = last
+            elif last is not None and not owner and h.shape[1] > 1:
+                # The same for the chunk's final row, with its masks' final rows (causal: every key).
+                h, normed = h[:, -1:], normed[:, -1:]
+                per_layer = None if per_layer is None else per_layer[:, -1:]
+                masks = {kind: None if mask is None or isinstance(mask, str) else mask[..., -1:, :]
+                         for kind, mask in masks.items()}
+                offset = offset + L - 1
             h, normed, kv = layer(
                 h,
                 normed,
@@ -679,14 +686,20 @@ class Model(nn.Module):
         cache = cache if cache is not None else self.make_cache()
         return self._logits(self._run_layers(inputs, cache, stop_at_shared=False))
 
-    def last_logits(self, inputs: mx.array, cache: list, last: mx.array,
+    def last_logits(self, inputs: mx.array, cache: list, last: mx.array | None = None,
                     expert_rows: ExpertRows | None = None) -> mx.array:
-        """Logits [B, vocab] of position `last` (an index array [1]) of a chunk into views that
-        keep every position's K/V and give `last_token_mask` (generate.FillView): the cache
-        owners run on every position, the KV-shared layers and the LM head on `last` alone."""
-        normed = self._run_layers(inputs, cache, stop_at_shared=False, last=last, expert_rows=expert_rows)
+        """Logits [B, vocab] of one position of a prompt chunk: the cache owners run on every
+        position, the KV-shared layers and the LM head on that position alone.
+
+        `last` None: the chunk's final position, into real caches (a prompt's last chunk; each
+        layer is queued as it is built, as `prefill` does). Else an index array [1] into views
+        that keep every position's K/V and give `last_token_mask` (generate.FillView).
+        """
+        final = last is None
+        normed = self._run_layers(inputs, cache, stop_at_shared=False, hand_over=final, last=-1 if final else last,
+                                  expert_rows=expert_rows)
         if normed.shape[1] > 1:  # no KV-shared layers narrowed it
-            normed = mx.take(normed, last, axis=1)
+            normed = normed[:, -1:] if final else mx.take(normed, last, axis=1)
         return self._logits(normed)[:, -1]
 
     def prefill(self, inputs: mx.array, cache: list) -> None:

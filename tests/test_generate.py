@@ -111,21 +111,22 @@ def test_compiled_decode_step_equals_the_plain_step(checkpoints, headroom):
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
 
 
-def test_prompt_last_token_takes_the_compiled_step_once_the_caches_hold_tokens(checkpoints):
-    from mlx_gemma4.generate import CompiledDecode, decode_step, prefill
+@pytest.mark.parametrize("length", [9, 12])  # last chunks of 1 and 4 tokens
+def test_prompt_last_token_runs_in_the_last_chunk_not_a_decode_step(checkpoints, length):
+    """The last prompt token rides in the last chunk (the weights read once for it): no decode
+    step runs, and the logits and caches are the whole model's (KV-shared layers, window of 6)."""
+    from mlx_gemma4.generate import prefill
 
     model = checkpoints.model("ple_shared")
     model._compiled_decode = None
     cache = model.make_cache()
-    assert not isinstance(decode_step(model, cache), CompiledDecode)  # empty caches: nothing to shape buffers after
-    prompt = mx.array(checkpoints.prompt("ple_shared", 9, seed=31))
+    prompt = mx.array(checkpoints.prompt("ple_shared", length, seed=31))
     logits = prefill(model, prompt, cache, 4)
-    assert isinstance(model._compiled_decode, CompiledDecode)  # the last prompt token ran through it
-    assert decode_step(model, cache) is model._compiled_decode
-    expected = model(prompt)[:, -1]
-    assert mx.abs(logits - expected).max().item() <= 1e-4
-    # A one-token prompt fills nothing first, so its token takes the plain step.
-    assert mx.abs(prefill(model, prompt[:, :1], model.make_cache(), 4) - model(prompt[:, :1])[:, -1]).max().item() <= 1e-4
+    assert model._compiled_decode is None
+    assert mx.abs(logits - model(prompt)[:, -1]).max().item() <= 1e-4
+    follow = mx.array([[5, 6]])
+    expected = model(mx.concatenate([prompt, follow], axis=1))[:, -2:]
+    assert mx.abs(model(follow, cache) - expected).max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["ple_shared", "k_eq_v"])
