@@ -11,9 +11,12 @@
 // float32.
 // In: x [..., K] (T: bfloat16 or float16; rows past the last are read as the last, never
 // stored), w [N, K * BITS / 32] uint32, scales, biases [N, K / GROUP] (T).
-// Out: [..., N] in T. K a multiple of 64, GROUP a multiple of 32.
-// Grid: ceil(M / BM) x ceil(N / BN) threadgroups of 32 * WM * WN threads.
-// Templates: T, BITS, GROUP, BM, BN, WM, WN (BN * 64 / (32 * WM * WN), a thread's run of w, 16 or 32).
+// Out: [..., N] in T; with SPLITS > 1, [SPLITS, M, N] float32 partial sums for the caller to
+// add: split z of K's steps goes to out[z] (split K: a narrow N leaves most of the GPU idle).
+// K a multiple of 64, GROUP a multiple of 32.
+// Grid: ceil(M / BM) x ceil(N / BN) x SPLITS threadgroups of 32 * WM * WN threads.
+// Templates: T, BITS, GROUP, BM, BN, WM, WN (BN * 64 / (32 * WM * WN), a thread's run of w, 16 or
+// 32), SPLITS.
 
 // @kernel qmm
   constexpr int BK = 64;
@@ -38,6 +41,9 @@
   const uint sg = simdgroup_index_in_threadgroup;
   const int row0 = int(threadgroup_position_in_grid.x) * BM;
   const int col0 = int(threadgroup_position_in_grid.y) * BN;
+  const int split = int(threadgroup_position_in_grid.z);
+  const int first_step = split * (K / BK) / SPLITS;
+  const int steps = (split + 1) * (K / BK) / SPLITS - first_step;
   const int warp_row = int(sg) / WN * (BM / WM);
   const int warp_col = int(sg) % WN * (BN / WN);
   threadgroup T x_tile[BM * STRIDE];
@@ -59,7 +65,6 @@
   }
   // Both tiles hold K in the order of dequantize_pairs' pairs: values (i, i + 4) of each 8 side
   // by side, which a product over K does not see.
-  const int steps = K / BK;
   // Step s stores the loads of step s - 1 in the tiles, issues the loads of step s, then takes
   // the products of step s - 1.
   for (int step = 0; step <= steps; step++) {
@@ -102,7 +107,7 @@
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
     if (step < steps) {
-      const int k0 = step * BK;
+      const int k0 = (first_step + step) * BK;
       for (int i = 0; i < X_LOADS; i++) {
         const int q = int(t) + i * THREADS;
         const int r = metal::min(row0 + q / 8, M - 1);
@@ -136,6 +141,6 @@
     for (int fn = 0; fn < FN; fn++) {
       const int r = row0 + warp_row + fm * 16;
       const int c = col0 + warp_col + fn * 8;
-      mma_store(acc[fm][fn], out + size_t(r) * N + c, N, M - r, N - c, lane);
+      mma_store(acc[fm][fn], out + (size_t(split) * M + r) * N + c, N, M - r, N - c, lane);
     }
   }

@@ -70,28 +70,21 @@ def _gelu_gate_by_rows(gate: mx.array, up: mx.array | None = None, up_offset: in
 QMV_MIN_WEIGHTS = 1 << 25
 
 
-# Values of 4-bit w from which qmm runs prompt chunks on CUDA. Against MLX's quantized_matmul
-# (bench/kernels.py, H100, 128 and 512 rows): 1.29-1.56x on the 31B's projections (44-231M
-# values), 1.16-1.36x on E4B's gate|up and down (52M, 26M), 0.76-1.03x on E4B's attention (8M
-# and less) and 0.9x on E2B's gate|up (19M). 8-bit w gained 1.07-1.12x on the 31B and lost
-# 0.84-0.95x on E4B: its values are dequantized one at a time, so it stays with MLX.
-QMM_MIN_WEIGHTS = 3 << 23
-QMM_BITS = 4
-
-
 def _quantized_matmul_by_rows(x, w, scales, biases, group_size, bits):
     """qmv for decode-sized calls it supports on weights of QMV_MIN_WEIGHTS values or more, qmm
-    for prompt chunks over 4-bit weights of QMM_MIN_WEIGHTS or more where its tiles run
-    (runs_mma_tiles); MLX's quantized_matmul otherwise. In chains of dependent 4-bit calls
-    (bench/qmv_chain.py, H100) qmv ran the 31B's MLP at 1.46-1.58x MLX's speed, its attention
-    projections at 1.16-1.34x and E4B's MLP at 1.11-1.40x; in the model, E4B 4-bit decode 1.07x
-    and, with the compiled step, 31B 1.43x."""
+    for the prompt chunks it supports where its tiles run (runs_mma_tiles); MLX's
+    quantized_matmul otherwise. In chains of dependent 4-bit calls (bench/qmv_chain.py, H100)
+    qmv ran the 31B's MLP at 1.46-1.58x MLX's speed, its attention projections at 1.16-1.34x and
+    E4B's MLP at 1.11-1.40x; in the model, E4B 4-bit decode 1.07x and, with the compiled step, 31B
+    1.43x. In a whole prompt (ncu, H100, 128 rows) MLX's product ran E2B's and E4B's narrow
+    projections, 20-24 threadgroups of 64 x 128, at 42-97 us a call, which qmm's split K spreads
+    over the GPU; E4B 4-bit to the first token, p=128: 13.1 against 14.6 ms with qmm on every
+    shape and bit width, interleaved."""
     weights = w.shape[0] * x.shape[-1]
     if x.size <= MAX_DECODE_QUERIES * x.shape[-1]:
         fits = weights >= QMV_MIN_WEIGHTS and qmv_supports(x, w, biases, group_size, bits)
         return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
-    fits = (bits == QMM_BITS and weights >= QMM_MIN_WEIGHTS and runs_mma_tiles()
-            and qmm_supports(x, w, biases, group_size, bits))
+    fits = runs_mma_tiles() and qmm_supports(x, w, biases, group_size, bits)
     return (qmm if fits else qmm_ref)(x, w, scales, biases, group_size, bits)
 
 

@@ -8,6 +8,7 @@ line; text before the first marker is commentary. On Metal a body compiles throu
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
@@ -40,6 +41,21 @@ def runs_mma_tiles() -> bool:
     ldmatrix and bfloat16 mma.sync). qmm's Metal build (simdgroup matrices) is unmeasured, against
     MLX's tuned Metal kernels, so there MLX's own product stays."""
     return gpu_backend() == "cuda" and mx.device_info().get("compute_capability_major", 0) >= 8
+
+
+@functools.cache
+def multiprocessors() -> int:
+    """The CUDA GPU's multiprocessors (MLX's device_info leaves them out), from the driver; 0
+    where there is no CUDA driver to ask."""
+    count = ctypes.c_int()
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    attribute = 16  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetAttribute(ctypes.byref(count), attribute, 0) != 0:
+        return 0
+    return count.value
 
 
 def kernels_enabled() -> bool:
