@@ -8,9 +8,10 @@ The first command builds the model in memory (the path of compare_mlx_lm.py --in
 a prompt, warms the compiled step up, and runs one more step between cuProfilerStart and
 cuProfilerStop, so ncu times that step's kernels alone. With `--phase prompt` the profiled work
 is instead a whole prompt of `--prompt-length` tokens into a fresh cache, up to the first
-token's argmax (what compare_mlx_lm.py times as time to first token), after two warm-up runs. ncu runs each kernel by itself, so the
-total is the sum of kernel times without the gaps between them, and a kernel of a few us reads
-a little long. The second command sums the CSV by kernel name, largest first.
+token's argmax (what compare_mlx_lm.py times as time to first token), after two warm-up runs.
+ncu runs each kernel by itself, so the total is the sum of kernel times without the gaps
+between them, and a kernel of a few us reads a little long. The second command sums the CSV by
+kernel name, largest first.
 """
 
 from __future__ import annotations

@@ -644,19 +644,20 @@ class Model(nn.Module):
             owner = spec.kv_source == i
             if stop_at_shared and not owner:
                 break
-            if last is not None and not owner and h.shape[1] > 1 and isinstance(last, mx.array):
+            if last is not None and not owner and h.shape[1] > 1:
                 # Past the cache owners only the row at `last` goes on, seeing the keys up to it.
-                h, normed = mx.take(h, last, axis=1), mx.take(normed, last, axis=1)
-                per_layer = None if per_layer is None else mx.take(per_layer, last, axis=1)
-                masks = {kind: cache[index].last_token_mask(last) for kind, index in self._first_cache_of_type.items()}
-                offset = last
-            elif last is not None and not owner and h.shape[1] > 1:
-                # The same for the chunk's final row, with its masks' final rows (causal: every key).
-                h, normed = h[:, -1:], normed[:, -1:]
-                per_layer = None if per_layer is None else per_layer[:, -1:]
-                masks = {kind: None if mask is None or isinstance(mask, str) else mask[..., -1:, :]
-                         for kind, mask in masks.items()}
-                offset = offset + L - 1
+                if isinstance(last, mx.array):
+                    h, normed = mx.take(h, last, axis=1), mx.take(normed, last, axis=1)
+                    per_layer = None if per_layer is None else mx.take(per_layer, last, axis=1)
+                    masks = {kind: cache[index].last_token_mask(last)
+                             for kind, index in self._first_cache_of_type.items()}
+                    offset = last
+                else:  # the chunk's final row: its masks' final rows (a causal one sees every key)
+                    h, normed = h[:, -1:], normed[:, -1:]
+                    per_layer = None if per_layer is None else per_layer[:, -1:]
+                    masks = {kind: None if mask is None or isinstance(mask, str) else mask[..., -1:, :]
+                             for kind, mask in masks.items()}
+                    offset = offset + L - 1
             h, normed, kv = layer(
                 h,
                 normed,
@@ -696,8 +697,8 @@ class Model(nn.Module):
         that keep every position's K/V and give `last_token_mask` (generate.FillView).
         """
         final = last is None
-        normed = self._run_layers(inputs, cache, stop_at_shared=False, hand_over=final, last=-1 if final else last,
-                                  expert_rows=expert_rows)
+        normed = self._run_layers(inputs, cache, stop_at_shared=False, hand_over=final,
+                                  last=-1 if final else last, expert_rows=expert_rows)
         if normed.shape[1] > 1:  # no KV-shared layers narrowed it
             normed = normed[:, -1:] if final else mx.take(normed, last, axis=1)
         return self._logits(normed)[:, -1]
