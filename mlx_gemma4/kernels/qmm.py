@@ -45,11 +45,15 @@ def k_splits(rows: int, N: int, K: int) -> int:
 
 
 def qmm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
-        bits: int, splits: int | None = None) -> mx.array:
-    """`splits` of K (default `k_splits`): past one, the splits' float32 partial sums are added
-    by MLX afterwards."""
-    rows, N, K = x.size // x.shape[-1], w.shape[0], x.shape[-1]
-    splits = k_splits(rows, N, K) if splits is None else splits
+        bits: int) -> mx.array:
+    splits = k_splits(x.size // x.shape[-1], w.shape[0], x.shape[-1])
+    return qmm_in_splits(x, w, scales, biases, group_size, bits, splits)
+
+
+def qmm_in_splits(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                  bits: int, splits: int) -> mx.array:
+    """qmm with K in `splits`: past one, the splits' float32 partial sums are added by MLX."""
+    rows, N = x.size // x.shape[-1], w.shape[0]
     bm, bn, wm, wn = TILE
     kernel = build("qmm", "qmm", ("x", "w", "scales", "biases"), ("out",))
     (out,) = kernel(

@@ -11,6 +11,7 @@ import pytest
 from tolerances import assert_close, random, requires_gpu
 
 from mlx_gemma4.kernels import qmm, qmm_supports
+from mlx_gemma4.kernels.qmm import qmm_in_splits
 
 CASES = [  # (dtype, bits, group size): one build each
     (mx.bfloat16, 4, 64), (mx.bfloat16, 8, 64), (mx.float16, 4, 32), (mx.bfloat16, 4, 128),
@@ -45,7 +46,8 @@ def check_against_the_oracle(case, shape, splits):
     f32 = mx.float32
     weights = mx.dequantize(w, scales.astype(f32), biases.astype(f32), group_size=group_size, bits=bits)
     oracle = (x.astype(f32) @ weights.astype(dtype).astype(f32).T).astype(dtype)
-    out = qmm(x, w, scales, biases, group_size, bits, splits)
+    out = (qmm(x, w, scales, biases, group_size, bits) if splits is None
+           else qmm_in_splits(x, w, scales, biases, group_size, bits, splits))
     assert out.shape == oracle.shape and out.dtype == dtype
     # Float32 sums of K products taken in another order differ by up to ~K ulps of the partial sums.
     assert_close(out, oracle, dtype, f"qmm[{dtype} {bits}-bit g{group_size} M{rows} K{K} N{N} splits {splits}]",
