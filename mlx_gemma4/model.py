@@ -115,7 +115,7 @@ class Linear(nn.Linear):
 
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear through `quantized_product`: the kernel set's `quantized_matmul` (in
-    KERNELS the qmv kernel at decode and qmm on prompt chunks over large weights, MLX's own
+    KERNELS the qmv kernel at decode and qmm on the prompt chunks it supports on CUDA, MLX's own
     elsewhere), or a dequantized GEMM for long prompt chunks on CUDA. `Model.use_kernels` turns
     the QuantizedLinears that `nn.quantize` builds into these."""
 

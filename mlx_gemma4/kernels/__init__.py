@@ -80,9 +80,8 @@ def _quantized_matmul_by_rows(x, w, scales, biases, group_size, bits):
     projections, 20-24 threadgroups of 64 x 128, at 42-97 us a call, which qmm's split K spreads
     over the GPU; E4B 4-bit to the first token, p=128: 13.1 against 14.6 ms with qmm on every
     shape and bit width, interleaved."""
-    weights = w.shape[0] * x.shape[-1]
     if x.size <= MAX_DECODE_QUERIES * x.shape[-1]:
-        fits = weights >= QMV_MIN_WEIGHTS and qmv_supports(x, w, biases, group_size, bits)
+        fits = w.shape[0] * x.shape[-1] >= QMV_MIN_WEIGHTS and qmv_supports(x, w, biases, group_size, bits)
         return (qmv if fits else qmv_ref)(x, w, scales, biases, group_size, bits)
     fits = runs_mma_tiles() and qmm_supports(x, w, biases, group_size, bits)
     return (qmm if fits else qmm_ref)(x, w, scales, biases, group_size, bits)
