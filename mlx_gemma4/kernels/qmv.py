@@ -20,6 +20,11 @@ DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-by
 RPS = 4  # weight rows per threadgroup: they share each x load
 SIMDS = 4  # simdgroups per threadgroup, splitting K (4 rows x 4 simdgroups led a sweep of 1-8 x 2-8)
 SUPPORTED_BITS = (4, 8)
+# Simdgroups a threadgroup of a NORM_RESIDUAL launch over a dense 16-bit w whose rows give each a
+# load a lane (ncu, H100, E2B bf16 with its norms: the down projection at K 12288 24.6 against
+# 30.9 us with SIMDS, at K 6144 16.0 against 18.4; o_proj at K 2048 9.4 against 9.8). At 4 bits
+# 8 were slower (19.8 against 18.3 us at K 12288).
+DENSE_NORM_SIMDS = 8
 
 
 def qmv_ref(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
@@ -173,7 +178,9 @@ def _norm_residual_launch(
     inputs = [*leading.values(), w, scales, biases, residual, weight, weight if scale is None else scale,
               *next_weights, scalars(eps), arrival_counters(1), _product_scratch(residual.size)]
     # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
-    outputs = _launch(kernel, inputs, x, w, group_size, kernel_bits, SIMDS,
+    wide_dense = kernel_bits == DENSE_BITS and w.shape[-1] >= DENSE_NORM_SIMDS * 32 * (128 // DENSE_BITS)
+    simds = DENSE_NORM_SIMDS if wide_dense else SIMDS
+    outputs = _launch(kernel, inputs, x, w, group_size, kernel_bits, simds,
                       (("HAS_SCALE", scale is not None), ("HIDDEN", w.shape[0])), 1 + count)
     return outputs[0] if next_weight is None else tuple(outputs)
 
