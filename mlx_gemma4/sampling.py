@@ -34,8 +34,13 @@ class SamplingOptions:
             if failed:
                 raise ValueError(message)
 
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: mlx-lm's sampler takes the argmax, whatever the other options say."""
+        return self.temperature == 0
+
     def sampler(self):
-        """logprobs [B, V] -> token ids [B]."""
+        """logprobs [B, V] -> token ids [B]; greedy, any logits with the same argmax."""
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
     def logits_processors(self) -> list:

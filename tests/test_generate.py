@@ -51,6 +51,21 @@ def test_top_k_one_is_greedy(model, prompt):
     assert list(generate_tokens(model, prompt, max_tokens=12, temperature=1.0, top_k=1, seed=0, stop_ids=[])) == greedy
 
 
+def test_greedy_decoding_takes_the_argmax_of_the_logits_without_normalising(model, prompt, monkeypatch):
+    """Greedy tokens are the logits' argmax, found with no logsumexp over the vocabulary (a
+    reduction and a subtraction a token); sampling still normalises."""
+    greedy = list(generate_tokens(model, prompt, max_tokens=6, stop_ids=[]))
+    logits = model(mx.array(prompt)[None])[:, -1]
+    assert greedy[0] == mx.argmax(logits, axis=-1).item()
+    calls = []
+    logsumexp = mx.logsumexp
+    monkeypatch.setattr(mx, "logsumexp", lambda *a, **k: calls.append(1) or logsumexp(*a, **k))
+    assert list(generate_tokens(model, prompt, max_tokens=6, stop_ids=[])) == greedy
+    assert not calls
+    list(generate_tokens(model, prompt, max_tokens=6, temperature=1.0, seed=0, stop_ids=[]))
+    assert len(calls) == 6
+
+
 def test_passed_cache_is_extended_for_the_next_turn(model, prompt):
     """Continuing on the returned cache equals generating from the whole history at once."""
     cache = model.make_cache()
