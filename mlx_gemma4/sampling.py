@@ -40,7 +40,7 @@ class SamplingOptions:
         return self.temperature == 0
 
     def sampler(self):
-        """logprobs [B, V] -> token ids [B]; greedy, any logits with the same argmax."""
+        """logprobs [B, V] -> token ids [B]; a greedy one takes raw logits as well (the same argmax)."""
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
     def logits_processors(self) -> list:
