@@ -20,10 +20,10 @@ DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-by
 RPS = 4  # weight rows per threadgroup: they share each x load
 SIMDS = 4  # simdgroups per threadgroup, splitting K (4 rows x 4 simdgroups led a sweep of 1-8 x 2-8)
 SUPPORTED_BITS = (4, 8)
-# Simdgroups a threadgroup of a NORM_RESIDUAL launch over a dense 16-bit w whose K gives every lane
-# of them a 16-byte load (K >= 2048) (ncu, H100, E2B bf16 with its norms: the down projection at K 12288 24.6 against
-# 30.9 us with SIMDS, at K 6144 16.0 against 18.4; o_proj at K 2048 9.4 against 9.8). At 4 bits
-# 8 were slower (19.8 against 18.3 us at K 12288).
+# Simdgroups a threadgroup of a NORM_RESIDUAL launch over a dense 16-bit w whose K gives every
+# lane of them a 16-byte load, K >= 2048 (ncu, H100, E2B bf16 with its norms: the down projection
+# at K 12288 24.6 against 30.9 us with SIMDS, at K 6144 16.0 against 18.4; o_proj at K 2048 9.4
+# against 9.8). At 4 bits 8 were slower (19.8 against 18.3 us at K 12288).
 DENSE_NORM_SIMDS = 8
 
 
