@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import re
 from importlib import resources
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -106,10 +108,10 @@ def compile_source(name: str, source: str, inputs: tuple[str, ...], outputs: tup
     backend = gpu_backend()
     if backend == "cuda":
         # The shim goes in `header`, after MLX's own includes, so its macros never reach MLX code.
-        header = _strip(_read("cuda_compat.h") + _read("common.h"))
+        header = _cuda_include(_strip(_read("cuda_compat.h") + _read("common.h")))
         return mx.fast.cuda_kernel(
-            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header,
-            ensure_row_contiguous=contiguous,
+            name=name, input_names=list(inputs), output_names=list(outputs), source=_included_body(source, inputs),
+            header=header, ensure_row_contiguous=contiguous,
         )
     if backend == "metal":
         return mx.fast.metal_kernel(
@@ -117,6 +119,38 @@ def compile_source(name: str, source: str, inputs: tuple[str, ...], outputs: tup
             header=_strip(_read("common.h")), ensure_row_contiguous=contiguous,
         )
     raise RuntimeError("custom kernels need MLX's Metal or CUDA back end; use the `_ref` twin on CPU")
+
+
+# MLX's CUDA back end hashes a custom kernel's whole source (header and body) at every launch to
+# name its module: 20% of E2B's decode host time with the text inline. An #include line is short.
+def cuda_source_dir() -> Path:
+    """Where CUDA kernel texts go to be included, each in a file named after its content."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_gemma4" / "cuda"
+
+
+def _cuda_include(text: str) -> str:
+    """An #include line for `text`, written once to cuda_source_dir(); `text` itself where that
+    cannot be written. The file's name is its content's hash, so MLX's caches, keyed by source,
+    never serve a stale build."""
+    path = cuda_source_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.cuh"
+    if '"' in str(path):
+        return text
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_text(text)
+            os.replace(partial, path)  # whole or absent, for processes building at once
+    except OSError:
+        return text
+    return f'#include "{path}"\n'
+
+
+def _included_body(source: str, inputs: tuple[str, ...]) -> str:
+    """`source` behind an include. MLX passes an input's shape, strides or ndim only where the
+    source names them, so the names the body uses stay visible in a comment."""
+    named = [f"{n}{suffix}" for n in inputs for suffix in ("_shape", "_strides", "_ndim") if f"{n}{suffix}" in source]
+    return _cuda_include(source) + (f"// {' '.join(named)}\n" if named else "")
 
 
 # MLX's CUDA allocator serves arrays of up to 8 bytes from one shared pool of managed memory,

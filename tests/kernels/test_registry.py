@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -61,15 +62,25 @@ def test_shim_is_cuda_only_and_bodies_stay_metal():
             assert cuda_only not in text, f"{name}.metal uses CUDA's {cuda_only}: write Metal, the shim maps it"
 
 
+def included(text: str) -> str:
+    """`text` with each #include line replaced by the file it names, as NVRTC reads it."""
+    return re.sub(r'#include "([^"]+)"\n', lambda line: Path(line.group(1)).read_text(), text)
+
+
 @pytest.fixture
-def cuda_builds(monkeypatch):
+def cuda_builds(monkeypatch, tmp_path):
     """Kernels built as on CUDA, on any machine: the specs handed to `mx.fast.cuda_kernel`, each
-    with the arrays of its launches ("launched"); a launch returns zeros of its output shapes."""
+    with the arrays of its launches ("launched"); a launch returns zeros of its output shapes.
+    "source" and "header" hold the texts the compiler reads, "sent_source" and "sent_header" what
+    MLX was handed."""
     from mlx_gemma4.kernels import _source
 
     built = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
 
     def record(**spec):
+        spec["sent_source"], spec["sent_header"] = spec["source"], spec["header"]
+        spec["source"], spec["header"] = included(spec["source"]), included(spec["header"])
         spec["launched"] = []
         built.append(spec)
 
@@ -166,6 +177,37 @@ def test_fused_attention_keeps_its_split_scratch_in_inputs(cuda_builds, fused):
         assert all(a is b for a, b in zip(first[-3:], second[-3:]))
     else:
         assert cuda_builds[1]["input_names"] == splits and cuda_builds[1]["output_names"] == ["out"]
+
+
+def test_cuda_builds_hand_mlx_include_lines_for_their_texts(cuda_builds, tmp_path):
+    """MLX's CUDA back end hashes a kernel's whole source at every launch, so the shim, common.h
+    and the body reach it as #include lines of files named after their content; the names of
+    the shapes and strides a body reads stay in the source, where MLX looks for them."""
+    from mlx_gemma4.kernels import _source
+    from mlx_gemma4.kernels.decode_attention import merged_splits_attention
+
+    q, kv = mx.zeros((1, 8, 1, 16)), mx.zeros((1, 2, 40, 16))
+    merged_splits_attention(q, kv, kv, None, False)
+    partial = cuda_builds[0]
+    for sent, text in ((partial["sent_header"], partial["header"]), (partial["sent_source"], partial["source"])):
+        (path,) = re.findall(r'#include "([^"]+)"', sent)
+        assert Path(path).parent == tmp_path / "mlx_gemma4" / "cuda" and len(sent) < 200 < len(text)
+    assert "arrive_last" in partial["header"] and "decode_attention" not in partial["header"]
+    body = _source._strip(bodies("decode_attention")["decode_attention_partial"])
+    assert body in partial["source"]
+    read_shapes = {n + s for n in partial["input_names"] for s in ("_shape", "_strides", "_ndim") if n + s in body}
+    assert read_shapes == {"q_shape", "q_strides", "k_shape", "k_strides", "v_strides", "mask_shape", "mask_strides"}
+    assert all(name in partial["sent_source"] for name in read_shapes)
+
+
+def test_cuda_builds_keep_their_texts_inline_where_the_cache_cannot_be_written(cuda_builds, tmp_path, monkeypatch):
+    from mlx_gemma4.kernels import _source, gelu_gate
+
+    (tmp_path / "mlx_gemma4").write_text("a file where the cache directory would go")
+    gelu_gate(mx.zeros((1, 1, 64)), mx.zeros((1, 1, 64)))
+    (spec,) = cuda_builds
+    assert "#include" not in spec["sent_header"] + spec["sent_source"]
+    assert spec["sent_source"].startswith(_source._strip(bodies("gelu_gate")["gelu_gate"]))
 
 
 @pytest.mark.parametrize("gated", [False, True])
