@@ -123,16 +123,16 @@ def compile_source(name: str, source: str, inputs: tuple[str, ...], outputs: tup
 
 # MLX's CUDA back end hashes a custom kernel's whole source (header and body) at every launch to
 # name its module: 20% of E2B's decode host time with the text inline. An #include line is short.
-def cuda_source_dir() -> Path:
+def _cuda_source_dir() -> Path:
     """Where CUDA kernel texts go to be included, each in a file named after its content."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_gemma4" / "cuda"
 
 
 def _cuda_include(text: str) -> str:
-    """An #include line for `text`, written once to cuda_source_dir(); `text` itself where that
+    """An #include line for `text`, written once to _cuda_source_dir(); `text` itself where that
     cannot be written. The file's name is its content's hash, so MLX's caches, keyed by source,
     never serve a stale build."""
-    path = cuda_source_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.cuh"
+    path = _cuda_source_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.cuh"
     if '"' in str(path):
         return text
     try:

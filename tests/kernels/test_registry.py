@@ -200,7 +200,7 @@ def test_cuda_builds_hand_mlx_include_lines_for_their_texts(cuda_builds, tmp_pat
     assert all(name in partial["sent_source"] for name in read_shapes)
 
 
-def test_cuda_builds_keep_their_texts_inline_where_the_cache_cannot_be_written(cuda_builds, tmp_path, monkeypatch):
+def test_cuda_builds_keep_their_texts_inline_where_the_cache_cannot_be_written(cuda_builds, tmp_path):
     from mlx_gemma4.kernels import _source, gelu_gate
 
     (tmp_path / "mlx_gemma4").write_text("a file where the cache directory would go")
