@@ -24,17 +24,17 @@ import functools
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import mlx.core as mx  # noqa: E402
+from against_commit import decode_tok_s  # noqa: E402
 from compare_mlx_lm import build_mlx_gemma4  # noqa: E402
 from configs import MODELS  # noqa: E402
 
-from mlx_gemma4.generate import _token_stream  # noqa: E402
-from mlx_gemma4.sampling import SamplingOptions  # noqa: E402
+import mlx_gemma4  # noqa: E402
 
 _SAMPLER = r"""
 #define _GNU_SOURCE
@@ -118,15 +118,6 @@ def frame_name(frame: str) -> str:
     return f"{Path(library).name}:{names[i] if i >= 0 else '?'}"[:160]
 
 
-def decode(model, tokens: int) -> float:
-    """Tokens a second over one greedy run of `tokens` after a 64-token prompt, fresh cache."""
-    start, produced = time.perf_counter(), 0
-    for _ in _token_stream(model, [5] * 64, model.make_cache(), context=[], options=SamplingOptions(temperature=0.0),
-                           max_tokens=tokens, stops=set(), prefill_step_size=2048):
-        produced += 1
-    return produced / (time.perf_counter() - start)
-
-
 def report(stacks: list[list[str]], callers: list[str], children: list[str], top: int):
     total = len(stacks)
     share = lambda count: f"{100 * count / total:6.1f}%"  # noqa: E731
@@ -172,10 +163,11 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         sampler = build_sampler(Path(scratch))
         model = build_mlx_gemma4(MODELS[args.model], 0, args.quant)
+        prompt = mx.array([5] * 64)
         for _ in range(3):  # traces, compiles and allocates
-            decode(model, 64)
+            decode_tok_s(mlx_gemma4, model, prompt, 64)
         sampler.sampler_start(args.period_us)
-        rates = [decode(model, args.tokens) for _ in range(args.runs)]
+        rates = [decode_tok_s(mlx_gemma4, model, prompt, args.tokens) for _ in range(args.runs)]
         sampler.sampler_stop(str(Path(scratch) / "stacks.txt").encode())
         stacks = [[frame_name(f) for f in line.split()] for line in (Path(scratch) / "stacks.txt").read_text().splitlines()]
     print(f"# {args.model} {args.quant}: decode tok/s while sampled {[round(r, 1) for r in rates]}")

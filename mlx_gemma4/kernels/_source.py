@@ -107,11 +107,9 @@ def compile_source(name: str, source: str, inputs: tuple[str, ...], outputs: tup
     """A kernel object for a body written in Metal's vocabulary (common.h's helpers in scope)."""
     backend = gpu_backend()
     if backend == "cuda":
-        # The shim goes in `header`, after MLX's own includes, so its macros never reach MLX code.
-        header = _cuda_include(_strip(_read("cuda_compat.h") + _read("common.h")))
         return mx.fast.cuda_kernel(
             name=name, input_names=list(inputs), output_names=list(outputs), source=_included_body(source, inputs),
-            header=header, ensure_row_contiguous=contiguous,
+            header=_cuda_header(), ensure_row_contiguous=contiguous,
         )
     if backend == "metal":
         return mx.fast.metal_kernel(
@@ -144,6 +142,13 @@ def _cuda_include(text: str) -> str:
     except OSError:
         return text
     return f'#include "{path}"\n'
+
+
+@functools.cache
+def _cuda_header() -> str:
+    """The shim and common.h, one include for every kernel of the process. They go in `header`,
+    after MLX's own includes, so the shim's macros never reach MLX code."""
+    return _cuda_include(_strip(_read("cuda_compat.h") + _read("common.h")))
 
 
 def _included_body(source: str, inputs: tuple[str, ...]) -> str:

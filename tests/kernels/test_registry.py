@@ -92,8 +92,10 @@ def cuda_builds(monkeypatch, tmp_path):
     monkeypatch.setattr(_source, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(mx.fast, "cuda_kernel", record)
     _source.build.cache_clear()
+    _source._cuda_header.cache_clear()  # its file lies under each test's XDG_CACHE_HOME
     yield built
     _source.build.cache_clear()
+    _source._cuda_header.cache_clear()
 
 
 @pytest.mark.parametrize("next_norms", [0, 1, 3])
