@@ -62,6 +62,31 @@ GEMMA_FN float residual_value(float x, float r, float w, float residual, float s
 #define THREAD_ADDR thread
 #endif
 
+// One NeoX pair (x1 at t, x2 at t + D/2) of a head as rope_norm leaves it: normed by the inverse
+// RMS r times the weights w1, w2 (1 for v's scale-free norm) and rounded to T, as the twin stores
+// the normed tensor; then, where `rotate`, rotated by position p at inv_freq = high + low. The
+// rounding error of the float32 angle (from fma) and the low part make a small remainder,
+// applied to first order.
+template <typename T>
+GEMMA_FN void norm_rotate_pair(float x1, float x2, float r, float w1, float w2, bool rotate, float p, float high,
+                               float low, THREAD_ADDR float* o1, THREAD_ADDR float* o2) {
+  float n1 = round_to<T>(x1 * r * w1);
+  float n2 = round_to<T>(x2 * r * w2);
+  if (!rotate) {
+    *o1 = n1;
+    *o2 = n2;
+    return;
+  }
+  float angle = p * high;
+  float rest = metal::fma(p, low, metal::fma(p, high, -angle));
+  float c = metal::precise::cos(angle);
+  float s = metal::precise::sin(angle);
+  float cr = c - s * rest;
+  float sr = s + c * rest;
+  *o1 = n1 * cr - n2 * sr;
+  *o2 = n2 * cr + n1 * sr;
+}
+
 // gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
 GEMMA_FN float gelu_tanh(float x) {
   float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);

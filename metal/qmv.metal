@@ -23,6 +23,15 @@
 // reads them back. Extra inputs: residual [M, N], norm_w [N], scale [1], next_w, next_w_2,
 // next_w_3 [N] (up to NEXT_NORMS), params float32 [eps], arrivals uint32 (0 between launches),
 // projected. Extra templates: HAS_SCALE, HIDDEN (N).
+// ROPE_NORM (a define; CUDA only, for arrive_last): the launch is attention's q|k|v projection
+// and its rope_norm (rope_norm.metal), on the product's rows: w's N rows are HIN heads of D, q
+// heads, then k heads, then v heads (none where V_FROM_K: v is the scale-free norm of the raw k
+// heads). Each threadgroup leaves its rows, rounded to T, in `projected` as NORM_RESIDUAL does,
+// and the last of a head's to finish norms and rotates it: queries [B, NQ, L, D] out; with
+// INTO_CACHE (a define; L = 1) keys and values into k_cache, v_cache [B, NKV, slots, D] at slot
+// int32 [1]. Extra inputs: q_w, k_w [D], pos int32 [B], inv_freq float32 [2, D/2], params float32
+// [eps], arrivals uint32 [HIN] (0 between launches), projected [M * N], INTO_CACHE: k_cache,
+// v_cache, slot. Extra templates: D, NQ, NKV, V_FROM_K; RPS divides D.
 // In: x [M, x columns] (T; GATED: the gate, its first K columns), GATED: up [M, up columns] and
 // up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
 // biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
@@ -172,7 +181,7 @@
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-#if NORM_RESIDUAL
+#if NORM_RESIDUAL || ROPE_NORM
   device float* product = const_cast<device float*>(projected);
 #endif
   for (int t = int(group_simd) * 32 + int(lane); t < RPS * M; t += SIMDS * 32) {
@@ -182,7 +191,7 @@
     }
     const int r = t / M;
     if (first + r < N) {
-#if NORM_RESIDUAL
+#if NORM_RESIDUAL || ROPE_NORM
       product[(t % M) * N + first + r] = round_to<T>(total);
 #else
       out[(t % M) * N + first + r] = static_cast<T>(total);
@@ -269,6 +278,78 @@
         }
       }
 #endif
+    }
+  }
+#endif
+#if ROPE_NORM
+  // The last threadgroup of each head to finish norms and rotates its rows, which the head's
+  // threadgroups left in `projected`, as rope_norm.metal does.
+  threadgroup uint finishes[1];
+  threadgroup float buf[SIMDS];
+  const uint tid = group_simd * 32 + lane;
+  const int head = first / D;
+  threadgroup_barrier(mem_flags::mem_device);
+  if (tid == 0) {
+    finishes[0] = arrive_last(arrivals + head, uint(D / RPS)) ? 1u : 0u;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (finishes[0] != 0u) {
+    constexpr int TG = SIMDS * 32;
+    constexpr int HALF = D / 2;
+    constexpr int PAIRS = (HALF + TG - 1) / TG;  // a thread's pairs t, t + TG, ...
+    // Volatile: other threadgroups of this launch wrote it.
+    const volatile device float* rows_in = projected;
+    const bool is_v = head >= NQ + NKV;
+    const bool is_k = !is_v && head >= NQ;
+    const int L = int(x_shape[x_ndim - 2]);
+    for (int m = 0; m < M; m++) {
+      const int b = m / L;
+      const int l = m % L;
+      float x1[PAIRS];
+      float x2[PAIRS];
+      float ss = 0.0f;
+      for (int i = 0; i < PAIRS; i++) {
+        const int t = metal::min(int(tid) + i * TG, HALF - 1);
+        x1[i] = rows_in[size_t(m) * N + head * D + t];
+        x2[i] = rows_in[size_t(m) * N + head * D + t + HALF];
+        ss += int(tid) + i * TG < HALF ? x1[i] * x1[i] + x2[i] * x2[i] : 0.0f;
+      }
+      const float r = metal::precise::rsqrt(block_sum<SIMDS>(ss, buf, lane, group_simd) / float(D) + params[0]);
+      const float p = float(pos[b] + l);
+#if INTO_CACHE
+      const int kv_head = is_v ? head - NQ - NKV : head - NQ;
+      const size_t cache_base = (size_t(b) * NKV + kv_head) * size_t(k_cache_shape[2]) + size_t(slot[0]);
+#endif
+      for (int i = 0; i < PAIRS; i++) {
+        const int t = int(tid) + i * TG;
+        if (t >= HALF) {
+          continue;
+        }
+        const float w1 = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t] : q_w[t]);
+        const float w2 = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t + HALF] : q_w[t + HALF]);
+        float o1;
+        float o2;
+        norm_rotate_pair<T>(x1[i], x2[i], r, w1, w2, !is_v, p, inv_freq[t], inv_freq[HALF + t], &o1, &o2);
+        if (!is_k && !is_v) {
+          const size_t base = ((size_t(b) * NQ + head) * L + l) * D;
+          queries[base + t] = static_cast<T>(o1);
+          queries[base + t + HALF] = static_cast<T>(o2);
+        }
+#if INTO_CACHE
+        // Written through a cast: the cache buffers are inputs MLX sees unchanged.
+        device T* cache = const_cast<device T*>(is_v ? v_cache : k_cache);
+        if (is_k || is_v) {
+          cache[cache_base * D + t] = static_cast<T>(o1);
+          cache[cache_base * D + t + HALF] = static_cast<T>(o2);
+        }
+        if (V_FROM_K && is_k) {
+          norm_rotate_pair<T>(x1[i], x2[i], r, 1.0f, 1.0f, false, p, 0.0f, 0.0f, &o1, &o2);
+          device T* values = const_cast<device T*>(v_cache);
+          values[cache_base * D + t] = static_cast<T>(o1);
+          values[cache_base * D + t + HALF] = static_cast<T>(o2);
+        }
+#endif
+      }
     }
   }
 #endif

@@ -43,30 +43,11 @@
     return;  // after the last barrier
   }
   float r = metal::precise::rsqrt(ss / float(D) + params[0]);
-  float n1 = x1 * r;
-  float n2 = x2 * r;
-  if (!is_v) {
-    n1 *= static_cast<float>(is_k ? k_w[t] : q_w[t]);
-    n2 *= static_cast<float>(is_k ? k_w[t + HALF] : q_w[t + HALF]);
-  }
-  // The twin stores the normed tensor in T before rotating it.
-  n1 = round_to<T>(n1);
-  n2 = round_to<T>(n2);
-  float o1 = n1;
-  float o2 = n2;
-  if (!is_v) {
-    // angle = position * inv_freq with inv_freq = high + low: the rounding error of the float32
-    // product (from fma) and the low part make a small remainder, applied to first order.
-    float p = float(pos[b] + int(l));
-    float angle = p * inv_freq[t];
-    float rest = metal::fma(p, inv_freq[HALF + t], metal::fma(p, inv_freq[t], -angle));
-    float c = metal::precise::cos(angle);
-    float s = metal::precise::sin(angle);
-    float cr = c - s * rest;
-    float sr = s + c * rest;
-    o1 = n1 * cr - n2 * sr;
-    o2 = n2 * cr + n1 * sr;
-  }
+  float w1 = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t] : q_w[t]);
+  float w2 = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t + HALF] : q_w[t + HALF]);
+  float o1;
+  float o2;
+  norm_rotate_pair<T>(x1, x2, r, w1, w2, !is_v, float(pos[b] + int(l)), inv_freq[t], inv_freq[HALF + t], &o1, &o2);
   uint section_head = is_v ? head - NQ - NKV : (is_k ? head - NQ : head);
   uint section_heads = (is_v || is_k) ? uint(NKV) : uint(NQ);
   size_t out_base = ((size_t(b) * section_heads + section_head) * L + l) * D;

@@ -18,7 +18,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
 from .kernels import (
-    MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_norm_residual_supports, qmv_ref, select_kernels,
+    MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm_supports,
+    select_kernels,
 )
 from .kernels._source import POOLED_MAX_BYTES, parameter_array
 from .kernels.norm_residual import NextWeights
@@ -223,16 +224,9 @@ class Attention(nn.Module):
         """(the heads' output [B, L, heads * D], kv): o_proj is the layer's, which ends the
         sub-block with it (projected_residual)."""
         B, L, _ = x.shape
-        projected = [self[name](x) for name in self.projections]
-        projected = projected[0] if len(projected) == 1 else mx.concatenate(projected, axis=-1)
-        # Norms, RoPE and the head transpose of q, k and v at once; [B, L, heads * D] -> [B, heads, L, D].
         # A compiled decode step's cache (cache.StepView) takes the new K/V at its slot from rope_norm.
         into = cache.step_slot() if shared_kv is None and hasattr(cache, "step_slot") else None
-        queries, keys, values = self.ops.rope_norm(
-            projected, self.q_norm.weight,
-            self.k_norm.weight if self.owns_cache else None, rope_offset, self.rope, self.eps,
-            self.num_kv_heads if self.owns_cache else 0, self.k_eq_v, into,
-        )
+        queries, keys, values = self.heads(x, rope_offset, into)
         if shared_kv is not None:
             keys, values = shared_kv
         elif into is not None:
@@ -246,6 +240,22 @@ class Attention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
             out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return out, (keys, values)
+
+    def heads(self, x: mx.array, rope_offset, into) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """(queries, keys, values) [B, heads, L, D]: the q|k|v projections, then their norms, RoPE and
+        the head transpose at once (ops.rope_norm); in one launch at decode where the kernel set has
+        qmv_rope_norm and the projections are one (fused, or a KV-shared layer's q alone)."""
+        kv_heads = self.num_kv_heads if self.owns_cache else 0
+        norms = (self.q_norm.weight, self.k_norm.weight if self.owns_cache else None)
+        operands = None
+        if self.ops.qmv_rope_norm and len(self.projections) == 1:
+            operands = _projection_operands(self[self.projections[0]])
+        if operands and qmv_rope_norm_supports(x, *operands, self.head_dim, kv_heads, into):
+            return self.ops.qmv_rope_norm(x, *operands, *norms, rope_offset, self.rope, self.eps, kv_heads,
+                                          self.k_eq_v, into)
+        projected = [self[name](x) for name in self.projections]
+        projected = projected[0] if len(projected) == 1 else mx.concatenate(projected, axis=-1)
+        return self.ops.rope_norm(projected, *norms, rope_offset, self.rope, self.eps, kv_heads, self.k_eq_v, into)
 
     def fuse_projections(self):
         """One q|k|v matmul instead of three (Model.fuse_projections)."""

@@ -424,6 +424,39 @@ def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkp
     assert steps % len(model.layers) == 0 and steps >= len(model.layers)
 
 
+@pytest.mark.parametrize("name,dtype,quantize_bits", [("ple_shared", "bfloat16", None), ("k_eq_v", "float32", 4)])
+def test_decode_heads_come_from_the_kernel_sets_qmv_rope_norm(checkpoints, name, dtype, quantize_bits):
+    """In a compiled decode step every layer's heads come from `ops.qmv_rope_norm`: the q|k|v
+    projection and rope_norm in one launch, K and V into the cache slot, a KV-shared layer's
+    queries alone; prompt chunks take the two ops. Tokens stay the two ops'."""
+    import dataclasses
+
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS, qmv_rope_norm_ref
+
+    model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
+    prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    calls = []
+
+    def counted(x, w, scales, *rest):
+        num_kv_heads, k_eq_v, into = rest[-3:]
+        calls.append((x.shape, scales is None, num_kv_heads, k_eq_v, into is not None))
+        return qmv_rope_norm_ref(x, w, scales, *rest)
+
+    model.use_kernels(dataclasses.replace(TWINS, qmv_rope_norm=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    config = model.config
+    owners = [layer for i, layer in enumerate(config.layers) if layer.kv_source == i]
+    kinds = {(layer.num_kv_heads, layer.k_eq_v, True) for layer in owners}
+    kinds |= {(0, False, False)} if len(owners) < len(config.layers) else set()
+    assert {call[1:] for call in calls} == {(quantize_bits is None, *kind) for kind in kinds}
+    assert {shape for shape, *_ in calls} == {(1, 1, config.hidden_size)}
+    # Every step runs every layer's, and the prompt's last row the KV-shared layers'.
+    steps = len(calls) - kv_shared_layers(config)
+    assert steps % len(model.layers) == 0 and steps >= len(model.layers)
+
+
 def test_quantized_matmuls_take_float32_inputs_on_the_cpu(checkpoints, monkeypatch):
     """On MLX's CPU back end a bfloat16 model hands its quantized projections, tied head and
     experts float32 inputs (8x faster there) and keeps its dtype; elsewhere they take bfloat16."""

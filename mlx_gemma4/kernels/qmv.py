@@ -2,7 +2,8 @@
 8-bit layout. MLX's CUDA qmv reads 4-bit weights at 0.5-1.0 TB/s on an H100, a third of its
 bf16 matrix-vector rate (bench/kernels.py), so a 4-bit decode step was no faster than bf16.
 gated_qmv makes gelu_gate's product as it loads x; qmv_norm_residual and gated_qmv_norm_residual
-also end the sub-block with norm_residual, on CUDA in the same launch."""
+also end the sub-block with norm_residual, and qmv_rope_norm is attention's q|k|v projection with
+its rope_norm, on CUDA in the same launch."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import functools
 import mlx.core as mx
 import numpy as np
 
+from ..rope import LayerRoPE
 from ._source import arrival_counters, build, last_threadgroup_merges, scalars
 from .decode_attention import MAX_DECODE_QUERIES
 from .gelu_gate import column_input, gelu_gate_ref
 from .norm_residual import NextWeights, next_norm_operands, norm_residual, norm_residual_ref
+from .rope_norm import CacheSlot, Heads, rope_norm, rope_norm_ref, rope_positions
 
 DENSE_BITS = 16  # a dense w's values, as the kernel's BITS (8 to a lane's 16-byte load)
 RPS = 4  # weight rows per threadgroup: they share each x load
@@ -43,9 +46,9 @@ def _fits_quantized(K: int, biases: mx.array | None, group_size: int, bits: int)
 
 
 def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bits: int, simds: int,
-            template: tuple = (), outputs: int = 1) -> list[mx.array]:
+            template: tuple = (), outputs: int = 1, output_shape: tuple | None = None) -> list[mx.array]:
     """One qmv launch over x's rows (the gate's, where GATED) and w's N rows: `outputs` arrays
-    [..., N] of x's type."""
+    [..., N] (or `output_shape`) of x's type."""
     N = w.shape[0]
     return kernel(
         inputs=inputs,
@@ -54,7 +57,7 @@ def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bit
                   ("W_BF16", w.dtype == mx.bfloat16), *template],
         grid=((N + RPS - 1) // RPS * 32 * simds, 1, 1),
         threadgroup=(32 * simds, 1, 1),
-        output_shapes=[(*x.shape[:-1], N)] * outputs,
+        output_shapes=[output_shape or (*x.shape[:-1], N)] * outputs,
         output_dtypes=[x.dtype] * outputs,
     )
 
@@ -135,6 +138,12 @@ def qmv_norm_residual_ref(
 def qmv_norm_residual_supports(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None,
                                group_size: int, bits: int) -> bool:
     """Decode-sized calls over a layout qmv reads (its K keeps rows of x 16-byte aligned)."""
+    return _reads_product(x, w, scales, biases, group_size, bits)
+
+
+def _reads_product(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int,
+                   bits: int) -> bool:
+    """Whether a launch ending in an epilogue takes x @ w.T: decode-sized x over a layout qmv reads."""
     K = x.shape[-1]
     stored = w.shape[-1] if scales is None else w.shape[-1] * 32 // bits
     return x.size <= MAX_DECODE_QUERIES * K and stored == K and _fits_layout(K, w, scales, biases, group_size, bits)
@@ -211,3 +220,59 @@ def gated_qmv_norm_residual(
     leading = {"x": gate, "up": up, "up_column": column_input(up_offset)}
     return _norm_residual_launch(leading, True, gate, w, scales, biases, group_size, kernel_bits, weight, residual,
                                  scale, eps, next_weight)
+
+
+def qmv_rope_norm_ref(
+    x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int,
+    q_weight: mx.array, k_weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE, eps: float,
+    num_kv_heads: int = 0, k_eq_v: bool = False, into: CacheSlot | None = None,
+) -> Heads:
+    """rope_norm_ref(x @ w.T, ...), w as in gated_qmv_ref: attention's fused q|k|v projection (a
+    KV-shared layer's q projection) and its epilogue."""
+    product = _product_ref(x, w, scales, biases, group_size, bits)
+    return rope_norm_ref(product, q_weight, k_weight, offset, rope, eps, num_kv_heads, k_eq_v, into)
+
+
+def qmv_rope_norm_supports(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None,
+                           group_size: int, bits: int, head_dim: int, num_kv_heads: int,
+                           into: CacheSlot | None) -> bool:
+    """Decode-sized calls over a layout qmv reads whose heads whole threadgroups take, that write
+    queries alone (a KV-shared layer) or a decode step's K and V into its cache slot."""
+    writes = not num_kv_heads or (into is not None and x.shape[1] == 1)
+    return writes and head_dim % RPS == 0 and _reads_product(x, w, scales, biases, group_size, bits)
+
+
+def qmv_rope_norm(
+    x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int,
+    q_weight: mx.array, k_weight: mx.array | None, offset: int | mx.array, rope: LayerRoPE, eps: float,
+    num_kv_heads: int = 0, k_eq_v: bool = False, into: CacheSlot | None = None,
+) -> Heads:
+    """One launch on CUDA (ROPE_NORM: the last threadgroup of each head norms and rotates it), as a
+    decode step is bound by its host cost per graph node; the product then rope_norm on Metal."""
+    if not last_threadgroup_merges():
+        product = _product_ref(x, w, scales, biases, group_size, bits)
+        return rope_norm(product, q_weight, k_weight, offset, rope, eps, num_kv_heads, k_eq_v, into)
+    B, L, K = x.shape
+    D = q_weight.shape[-1]
+    heads_in = w.shape[0] // D
+    query_heads = heads_in - num_kv_heads * (1 if k_eq_v else 2)
+    in_cache = num_kv_heads > 0
+    kernel = build(
+        "qmv", "qmv",
+        ("x", "w", "scales", "biases", "q_w", "k_w", "pos", "inv_freq", "params", "arrivals", "projected",
+         *(("k_cache", "v_cache", "slot") if in_cache else ())),
+        ("queries",),
+        defines=(("ROPE_NORM", 1), ("INTO_CACHE", int(in_cache))),
+    )
+    kernel_bits = DENSE_BITS if scales is None else bits
+    if scales is None:  # unread by a dense build
+        scales = biases = column_input(0)
+    inputs = [x, w, scales, biases, q_weight, q_weight if k_weight is None else k_weight, rope_positions(offset, B),
+              rope.inv_freq, scalars(eps), arrival_counters(heads_in), _product_scratch(B * L * w.shape[0]),
+              *(into if in_cache else ())]
+    # Enough simdgroups for a row's 16-byte loads in one pass (E2B's K of 1536: 6 dense, 2 at 4 bits).
+    simds = min(DENSE_NORM_SIMDS, -(-K // (32 * (128 // kernel_bits))))
+    template = (("D", D), ("NQ", query_heads), ("NKV", num_kv_heads), ("V_FROM_K", k_eq_v))
+    (queries,) = _launch(kernel, inputs, x, w, group_size, kernel_bits, simds, template,
+                         output_shape=(B, query_heads, L, D))
+    return (queries, *into[:2]) if in_cache else (queries, None, None)

@@ -64,7 +64,8 @@ def _heads_ref(
 _POSITIONS: dict[tuple[int, int], mx.array] = {}
 
 
-def _positions(offset: int | mx.array, batch: int) -> mx.array:
+def rope_positions(offset: int | mx.array, batch: int) -> mx.array:
+    """The kernels' `pos` input: each row's position of its first query, int32 [batch]."""
     if isinstance(offset, mx.array):
         return mx.broadcast_to(offset.astype(mx.int32), (batch,))
     # Every layer of one forward asks for the same offset: make the array once per step.
@@ -104,7 +105,7 @@ def rope_norm(
     )
     threads = max(32, round_up(D // 2, 32))
     heads = kernel(
-        inputs=[x, q_weight, q_weight if k_weight is None else k_weight, _positions(offset, B), rope.inv_freq,
+        inputs=[x, q_weight, q_weight if k_weight is None else k_weight, rope_positions(offset, B), rope.inv_freq,
                 scalars(eps), *(into if in_place else ())],
         template=[("T", x.dtype), ("D", D), ("TG", threads), ("NQ", hq), ("NKV", num_kv_heads),
                   ("V_FROM_K", k_eq_v)],

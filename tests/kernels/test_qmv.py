@@ -1,7 +1,8 @@
 """qmv kernel vs its twin (MLX's quantized_matmul) on the decode projections of the four models,
 4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides; its
 GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights, and both
-builds ending the sub-block with norm_residual (NORM_RESIDUAL)."""
+builds ending the sub-block with norm_residual (NORM_RESIDUAL), and attention's q|k|v projection
+with its rope_norm (ROPE_NORM)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from functools import partial
 
 import mlx.core as mx
 import pytest
+from test_rope_norm import LAYOUTS, QUERY_HEADS, ROPES
 from tolerances import DTYPES, assert_close, random, requires_gpu
 
 from mlx_gemma4.kernels import (
     MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref,
-    norm_residual_ref, qmv, qmv_norm_residual, qmv_norm_residual_supports, qmv_ref,
+    norm_residual_ref, qmv, qmv_norm_residual, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm,
+    qmv_rope_norm_supports, rope_norm,
 )
 from mlx_gemma4.kernels._source import arrival_counters
+from mlx_gemma4.rope import LayerRoPE
 
 pytestmark = requires_gpu
 
@@ -160,3 +164,53 @@ def test_norm_residual_matches_the_product_through_norm_residual(dtype, bits, ro
     assert qmv_norm_residual_supports(x, *operands)
     assert_ends_sub_block(partial(qmv_norm_residual, x, *operands), product, sub_block_end(dtype, rows, N, ends),
                           dtype, f"qmv_norm_residual[{dtype} {bits}-bit K{K} N{N} M{rows} {ends}]")
+
+
+# (dtype, bits, layout, head_dim, rows): every kind, each layout, both head widths (sliding 256
+# with K 1536, full 512 with K 2560), K and V into a cache slot at one row, queries alone at three.
+ROPE_NORM_CASES = [
+    (dtype, bits, layout, (256, 512)[i % 2], 3 if layout == "q_only" and i % 2 else 1)
+    for i, ((dtype, bits), layout) in enumerate((kind, layout) for kind in NORM_RESIDUAL_KINDS for layout in LAYOUTS)
+]
+
+
+@pytest.mark.parametrize("dtype,bits,layout,head_dim,rows", ROPE_NORM_CASES, ids=str)
+def test_rope_norm_matches_the_product_through_rope_norm(dtype, bits, layout, head_dim, rows):
+    """qmv_rope_norm = rope_norm of x @ w.T: the queries, and a decode step's K and V in its cache
+    slot with every other slot as it was; twice, as its counters are 0 after each call."""
+    K = 1536 if head_dim == 256 else 2560
+    num_kv_heads, k_eq_v = LAYOUTS[layout]
+    N = (QUERY_HEADS + num_kv_heads * (1 if k_eq_v else 2)) * head_dim
+    weight = random((N, K), dtype, scale=0.05, seed=K + N)
+    x = random((1, rows, K), dtype, seed=rows)
+    if bits == 16:
+        operands = (weight, None, None, 0, 0)
+        product = (x.astype(mx.float32) @ weight.astype(mx.float32).T).astype(dtype)
+    else:
+        operands = (*mx.quantize(weight, group_size=64, bits=bits), 64, bits)
+        product = qmv(x, *operands)
+    rope = LayerRoPE(ROPES[head_dim], head_dim)
+    q_weight = random((head_dim,), dtype, seed=1) * 0.5 + 1.0
+    k_weight = random((head_dim,), dtype, seed=2) * 0.5 + 1.0 if num_kv_heads else None
+    position = mx.array([700], dtype=mx.int32)
+    buffers = [random((1, num_kv_heads, 40, head_dim), dtype, seed=s) for s in (7, 8)]
+    copies, pristine = [mx.array(b) for b in buffers], [mx.array(b) for b in buffers]
+    mx.eval(buffers, copies, pristine)
+    slot = mx.array([29], dtype=mx.int32)
+    into = (*buffers, slot) if num_kv_heads else None
+    args = (q_weight, k_weight, position, rope, 1e-6, num_kv_heads, k_eq_v)
+    assert qmv_rope_norm_supports(x, *operands, head_dim, num_kv_heads, into)
+    expected = rope_norm(product, *args, (*copies, slot) if num_kv_heads else None)
+    mx.eval(expected)
+    label = f"qmv_rope_norm[{dtype} {bits}-bit D{head_dim} M{rows} {layout}]"
+    for _ in range(2):
+        heads = qmv_rope_norm(x, *operands, *args, into)
+        mx.eval(heads)
+        for part, got, want in zip("qkv", heads, expected):
+            assert (got is None) == (want is None) == (part != "q" and not num_kv_heads)
+            if got is not None:
+                assert_close(got, want, dtype, f"{label}:{part}")
+        assert not arrival_counters(N // head_dim).any().item()
+    for buffer, before in zip(buffers if num_kv_heads else (), pristine):
+        for others in (slice(0, 29), slice(30, 40)):
+            assert mx.array_equal(buffer[:, :, others], before[:, :, others]).item()
