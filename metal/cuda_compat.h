@@ -61,6 +61,22 @@ __device__ inline bool arrive_last(const unsigned int* counter, unsigned int cou
   return last;
 }
 
+// A flag one threadgroup of a launch raises for others that wait on it (one thread of each calls
+// these): raise_flag after a barrier over the raiser's device writes; wait_flag returns once it is
+// raised, and the waiter then reads those writes. The raiser must never wait on a waiter, and the
+// waiters must be few enough to leave the GPU room for the raiser. CUDA only, as arrive_last.
+__device__ inline void raise_flag(const unsigned int* flag) {
+  __threadfence();
+  atomicExch(const_cast<unsigned int*>(flag), 1u);
+}
+__device__ inline void wait_flag(const unsigned int* flag) {
+  const volatile unsigned int* raised = flag;
+  while (*raised == 0u) {
+    __nanosleep(100);
+  }
+  __threadfence();
+}
+
 // Metal's bit reinterpretation between 32-bit types.
 template <typename T>
 __device__ inline T as_type(uint v);

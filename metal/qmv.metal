@@ -32,6 +32,12 @@
 // int32 [1]. Extra inputs: q_w, k_w [D], pos int32 [B], inv_freq float32 [2, D/2], params float32
 // [eps], arrivals uint32 [HIN] (0 between launches), projected [M * N], INTO_CACHE: k_cache,
 // v_cache, slot. Extra templates: D, NQ, NKV, V_FROM_K; RPS divides D.
+// THEN_QMV (a define, with NORM_RESIDUAL and no next norm): the launch also makes the next
+// projection of its output, then_out [M, P] = out @ dequantize(then_w).T (a PLE layer's gate):
+// THEN_TGS threadgroups past the product's wait for the last one's out, a simdgroup a row of
+// then_w. Extra inputs: then_w [P, HIDDEN * THEN_BITS / 32] uint32 (or [P, HIDDEN] of WT where
+// THEN_BITS is 16), then_scales, then_biases; arrivals [3]: the product's, the flag out is written
+// under, the waiters'. Extra templates: THEN_BITS, THEN_GROUP, THEN_TGS.
 // In: x [M, x columns] (T; GATED: the gate, its first K columns), GATED: up [M, up columns] and
 // up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
 // biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
@@ -60,6 +66,63 @@
   const uint one_bits = 0x3F800000u | (uint(x_ndim) >> 16);
   const uint lane = thread_index_in_simdgroup;
   const uint group_simd = simdgroup_index_in_threadgroup;
+#if THEN_QMV
+  const int then_block = int(threadgroup_position_in_grid.x) - (N + RPS - 1) / RPS;
+  if (then_block >= 0) {
+    // A waiter: the rows of then_out once the last product threadgroup has written out.
+    if (group_simd == 0 && lane == 0) {
+      wait_flag(arrivals + 1);
+    }
+    threadgroup_barrier(mem_flags::mem_device);
+    constexpr int THEN_VPT = 128 / THEN_BITS;
+    constexpr uint THEN_MASK = THEN_BITS == 16 ? 0xFFFFu : (1u << THEN_BITS) - 1u;
+    const int P = int(then_w_shape[0]);
+    // wait_flag's fence orders these reads after the last product threadgroup's writes.
+    const device T* written = out;
+    for (int row = then_block * SIMDS + int(group_simd); row < P; row += THEN_TGS * SIMDS) {
+      for (int m = 0; m < M; m++) {
+        float acc = 0.0f;
+        for (int k0 = int(lane) * THEN_VPT; k0 < HIDDEN; k0 += 32 * THEN_VPT) {
+          float hs[THEN_VPT];
+          for (int j = 0; j < THEN_VPT; j++) {
+            hs[j] = static_cast<float>(written[m * HIDDEN + k0 + j]);
+          }
+          if (THEN_BITS == 16) {
+            float ws[THEN_VPT];
+            load_floats<WT, THEN_VPT, W_BF16>((const device WT*)(then_w) + size_t(row) * HIDDEN + k0, ws);
+            for (int j = 0; j < THEN_VPT; j++) {
+              acc += hs[j] * ws[j];
+            }
+            continue;
+          }
+          // A 16-byte load's values share one group: scale * sum(h q) + bias * sum(h).
+          const uint4 packed = *((const device uint4*)((const device uint*)(then_w) +
+                                                        (size_t(row) * HIDDEN + k0) * THEN_BITS / 32));
+          const uint words[4] = {packed.x, packed.y, packed.z, packed.w};
+          float dot = 0.0f;
+          float h_sum = 0.0f;
+          for (int j = 0; j < THEN_VPT; j++) {
+            const uint q = (words[j * THEN_BITS / 32] >> ((j * THEN_BITS) % 32)) & THEN_MASK;
+            dot += hs[j] * float(q);
+            h_sum += hs[j];
+          }
+          const int g = row * (HIDDEN / THEN_GROUP) + k0 / THEN_GROUP;
+          acc += static_cast<float>(then_scales[g]) * dot + static_cast<float>(then_biases[g]) * h_sum;
+        }
+        const float total = simd_sum(acc);
+        if (lane == 0) {
+          then_out[m * P + row] = static_cast<T>(total);
+        }
+      }
+    }
+    // The last waiter lowers the flag for the next launch.
+    threadgroup_barrier(mem_flags::mem_device);
+    if (group_simd == 0 && lane == 0 && arrive_last(arrivals + 2, uint(THEN_TGS))) {
+      *(const_cast<device uint*>(arrivals) + 1) = 0u;
+    }
+    return;
+  }
+#endif
   const int first = int(threadgroup_position_in_grid.x) * RPS;
   int rows[RPS];
   for (int r = 0; r < RPS; r++) {
@@ -279,6 +342,13 @@
       }
 #endif
     }
+#if THEN_QMV
+    // out is written: the waiters go on.
+    threadgroup_barrier(mem_flags::mem_device);
+    if (tid == 0) {
+      raise_flag(arrivals + 1);
+    }
+#endif
   }
 #endif
 #if ROPE_NORM

@@ -18,8 +18,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
 from .kernels import (
-    MAX_DECODE_QUERIES, KernelSet, gated_qmv_supports, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm_supports,
-    select_kernels,
+    MAX_DECODE_QUERIES, KernelSet, gated_qmv_norm_residual_qmv_supports, gated_qmv_supports, qmv_norm_residual_supports,
+    qmv_ref, qmv_rope_norm_supports, select_kernels,
 )
 from .kernels._source import POOLED_MAX_BYTES, parameter_array
 from .kernels.norm_residual import NextWeights
@@ -156,6 +156,19 @@ def gated_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.arr
         return ops.gated_qmv_norm_residual(gate, up, up_offset, *operands, weight, residual, scale, eps, next_weight)
     projected = gated_projection(ops, linear, gate, up, up_offset)
     return ops.norm_residual(projected, weight, residual, scale, eps, next_weight)
+
+
+def gated_residual_then(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None, weight: mx.array,
+                        residual: mx.array, eps: float, then: nn.Module) -> tuple[mx.array, mx.array]:
+    """(h, then(h)) for h = gated_residual(ops, linear, gate, up, 0, weight, residual, None, eps): in
+    one launch at decode where the kernel set has gated_qmv_norm_residual_qmv (a PLE layer's
+    feed-forward end and its PLE gate)."""
+    operands = _projection_operands(linear) if ops.gated_qmv_norm_residual_qmv else None
+    then_operands = _projection_operands(then) if operands else None
+    if then_operands and gated_qmv_norm_residual_qmv_supports(gate, up, 0, *operands, then_operands):
+        return ops.gated_qmv_norm_residual_qmv(gate, up, 0, *operands, weight, residual, None, eps, then_operands)
+    h = gated_residual(ops, linear, gate, up, 0, weight, residual, None, eps)
+    return h, then(h)
 
 
 def _projection_operands(linear: nn.Module) -> tuple | None:
@@ -509,8 +522,14 @@ class DecoderLayer(nn.Module):
         if per_layer_inputs is None:
             return *feed_forward_end(self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
                                      next_norm), kv
-        h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
-        return *gated_residual(self.ops, self.per_layer_projection, self.per_layer_input_gate(h), per_layer_inputs,
+        if "router" in self:
+            h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
+            ple_gate = self.per_layer_input_gate(h)
+        else:
+            h, ple_gate = gated_residual_then(self.ops, self.mlp.down_proj, gate, up,
+                                              self.post_feedforward_layernorm.weight, residual, self.eps,
+                                              self.per_layer_input_gate)
+        return *gated_residual(self.ops, self.per_layer_projection, ple_gate, per_layer_inputs,
                                self.ple_column, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
                                next_norm), kv
 

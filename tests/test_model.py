@@ -424,6 +424,35 @@ def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkp
     assert steps % len(model.layers) == 0 and steps >= len(model.layers)
 
 
+@pytest.mark.parametrize("quantize_bits", [None, 4])
+def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_residual_qmv(checkpoints,
+                                                                                             quantize_bits):
+    """At decode, a PLE layer's feed-forward end (no layer_scalar, no next norm) and its PLE gate
+    come from one `ops.gated_qmv_norm_residual_qmv` call; the tokens stay those of the two ops."""
+    import dataclasses
+
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS, gated_qmv_norm_residual_qmv_ref
+
+    model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
+    prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
+    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    calls = []
+
+    def counted(gate, up, up_offset, w, scales, *rest):
+        *_, scale, eps, then = rest
+        calls.append((gate.shape[:2], up is None, scales is None, scale is None, then[0].shape[0]))
+        return gated_qmv_norm_residual_qmv_ref(gate, up, up_offset, w, scales, *rest)
+
+    model.use_kernels(dataclasses.replace(TWINS, gated_qmv_norm_residual_qmv=counted))
+    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    config = model.config
+    assert set(calls) == {((1, 1), True, quantize_bits is None, True, config.hidden_size_per_layer_input)}
+    # Every step runs every layer's, and the prompt's last row the KV-shared layers'.
+    steps = len(calls) - kv_shared_layers(config)
+    assert steps % len(model.layers) == 0 and steps >= len(model.layers)
+
+
 @pytest.mark.parametrize("name,dtype,quantize_bits", [("ple_shared", "bfloat16", None), ("k_eq_v", "float32", 4)])
 def test_decode_heads_come_from_the_kernel_sets_qmv_rope_norm(checkpoints, name, dtype, quantize_bits):
     """In a compiled decode step every layer's heads come from `ops.qmv_rope_norm`: the q|k|v

@@ -19,7 +19,8 @@ from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residu
 from .ple_inputs import ple_inputs, ple_inputs_ref
 from .qmm import qmm, qmm_ref, qmm_supports
 from .qmv import (
-    gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv,
+    gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_qmv, gated_qmv_norm_residual_qmv_ref,
+    gated_qmv_norm_residual_qmv_supports, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv,
     qmv_norm_residual, qmv_norm_residual_ref, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm, qmv_rope_norm_ref,
     qmv_rope_norm_supports, qmv_supports,
 )
@@ -50,6 +51,9 @@ class KernelSet:
     # a projection and the norm_residual that ends the sub-block in one launch at decode
     # (model.projected_residual: attention's o_proj); None: the two ops
     qmv_norm_residual: Callable | None = None
+    # gated_qmv_norm_residual (no next norm) and the next projection of its output in one launch at
+    # decode (model.gated_residual_then: a PLE layer's feed-forward end and PLE gate); None: the two ops
+    gated_qmv_norm_residual_qmv: Callable | None = None
     # attention's q|k|v projection and its rope_norm in one launch at decode (model.Attention.heads);
     # None: the two ops
     qmv_rope_norm: Callable | None = None
@@ -122,11 +126,13 @@ KERNELS = KernelSet(
     gated_qmv_norm_residual=gated_qmv_norm_residual,
     qmv_norm_residual=qmv_norm_residual,
     qmv_rope_norm=qmv_rope_norm,
+    gated_qmv_norm_residual_qmv=gated_qmv_norm_residual_qmv,
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
     rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _quantized_matmul_by_rows,
-    moe_router, moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual, qmv_rope_norm,
+    moe_router, moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
+    gated_qmv_norm_residual_qmv, qmv_rope_norm,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
@@ -144,7 +150,8 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 
 __all__ = [
     "ALL_KERNELS", "KERNELS", "KernelSet", "MAX_DECODE_QUERIES", "PROMPT_ROWS", "TWINS", "decode_attention",
-    "decode_attention_ref", "gated_qmv", "gated_qmv_norm_residual", "gated_qmv_norm_residual_ref", "gated_qmv_ref",
+    "decode_attention_ref", "gated_qmv", "gated_qmv_norm_residual", "gated_qmv_norm_residual_qmv",
+    "gated_qmv_norm_residual_qmv_ref", "gated_qmv_norm_residual_qmv_supports", "gated_qmv_norm_residual_ref", "gated_qmv_ref",
     "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
     "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
     "ple_inputs_ref", "qmm", "qmm_ref", "qmm_supports", "qmv", "qmv_norm_residual", "qmv_norm_residual_ref",

@@ -46,19 +46,20 @@ def _fits_quantized(K: int, biases: mx.array | None, group_size: int, bits: int)
 
 
 def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bits: int, simds: int,
-            template: tuple = (), outputs: int = 1, output_shape: tuple | None = None) -> list[mx.array]:
-    """One qmv launch over x's rows (the gate's, where GATED) and w's N rows: `outputs` arrays
-    [..., N] (or `output_shape`) of x's type."""
+            template: tuple = (), output_shapes: list | None = None, extra_threadgroups: int = 0) -> list[mx.array]:
+    """One qmv launch over x's rows (the gate's, where GATED) and w's N rows, plus
+    `extra_threadgroups`: arrays of x's type, one [..., N] unless `output_shapes` says otherwise."""
     N = w.shape[0]
+    output_shapes = output_shapes or [(*x.shape[:-1], N)]
     return kernel(
         inputs=inputs,
         template=[("T", x.dtype), ("WT", w.dtype), ("M", x.size // x.shape[-1]), ("BITS", bits), ("GROUP", group_size),
                   ("RPS", RPS), ("SIMDS", simds), ("X_BF16", x.dtype == mx.bfloat16),
                   ("W_BF16", w.dtype == mx.bfloat16), *template],
-        grid=((N + RPS - 1) // RPS * 32 * simds, 1, 1),
+        grid=(((N + RPS - 1) // RPS + extra_threadgroups) * 32 * simds, 1, 1),
         threadgroup=(32 * simds, 1, 1),
-        output_shapes=[output_shape or (*x.shape[:-1], N)] * outputs,
-        output_dtypes=[x.dtype] * outputs,
+        output_shapes=output_shapes,
+        output_dtypes=[x.dtype] * len(output_shapes),
     )
 
 
@@ -169,29 +170,41 @@ def _product_scratch(size: int) -> mx.array:
 def _norm_residual_launch(
     leading: dict[str, mx.array], gated: bool, x: mx.array, w: mx.array, scales: mx.array | None,
     biases: mx.array | None, group_size: int, kernel_bits: int, weight: mx.array, residual: mx.array,
-    scale: mx.array | None, eps: float, next_weight: NextWeights,
+    scale: mx.array | None, eps: float, next_weight: NextWeights, then: tuple | None = None,
 ) -> mx.array | tuple[mx.array, ...]:
     """A NORM_RESIDUAL launch (CUDA): the `leading` inputs before w (x's rows, and where gated
-    also up and its first column), then norm_residual's operands, arrivals and the scratch."""
+    also up and its first column), then norm_residual's operands, arrivals and the scratch; with
+    `then` (a projection's operands as qmv's) THEN_QMV, whose product of out comes last."""
     next_weights, next_inputs, normed = next_norm_operands(next_weight)
     count = len(next_weights)
     kernel = build(
         "qmv", "qmv",
         (*leading, "w", "scales", "biases", "residual", "norm_w", "scale", *next_inputs, "params", "arrivals",
-         "projected"),
-        ("out", *normed),
-        defines=(("GATED", int(gated)), ("NORM_RESIDUAL", 1), ("NEXT_NORMS", count)),
+         "projected", *(("then_w", "then_scales", "then_biases") if then else ())),
+        ("out", *normed, *(("then_out",) if then else ())),
+        defines=(("GATED", int(gated)), ("NORM_RESIDUAL", 1), ("NEXT_NORMS", count), ("THEN_QMV", int(bool(then)))),
     )
     if scales is None:  # unread by a dense build
         scales = biases = column_input(0)
     inputs = [*leading.values(), w, scales, biases, residual, weight, weight if scale is None else scale,
-              *next_weights, scalars(eps), arrival_counters(1), _product_scratch(residual.size)]
+              *next_weights, scalars(eps), arrival_counters(3 if then else 1), _product_scratch(residual.size)]
     # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
     wide_dense = kernel_bits == DENSE_BITS and w.shape[-1] >= DENSE_NORM_SIMDS * 32 * (128 // DENSE_BITS)
     simds = DENSE_NORM_SIMDS if wide_dense else SIMDS
-    outputs = _launch(kernel, inputs, x, w, group_size, kernel_bits, simds,
-                      (("HAS_SCALE", scale is not None), ("HIDDEN", w.shape[0])), 1 + count)
-    return outputs[0] if next_weight is None else tuple(outputs)
+    template = (("HAS_SCALE", scale is not None), ("HIDDEN", w.shape[0]))
+    output_shapes = [residual.shape] * (1 + count)
+    then_threadgroups = 0
+    if then:
+        then_w, then_scales, then_biases, then_group, then_bits = then
+        then_bits = DENSE_BITS if then_scales is None else then_bits
+        if then_scales is None:  # unread by a dense build
+            then_scales = then_biases = column_input(0)
+        inputs += [then_w, then_scales, then_biases]
+        then_threadgroups = -(-then_w.shape[0] // simds)  # a simdgroup a row
+        template += (("THEN_BITS", then_bits), ("THEN_GROUP", then_group), ("THEN_TGS", then_threadgroups))
+        output_shapes.append((*residual.shape[:-1], then_w.shape[0]))
+    outputs = _launch(kernel, inputs, x, w, group_size, kernel_bits, simds, template, output_shapes, then_threadgroups)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def qmv_norm_residual(
@@ -273,6 +286,48 @@ def qmv_rope_norm(
     # Enough simdgroups for a row's 16-byte loads in one pass (E2B's K of 1536: 6 dense, 2 at 4 bits).
     simds = min(DENSE_NORM_SIMDS, -(-K // (32 * (128 // kernel_bits))))
     template = (("D", D), ("NQ", query_heads), ("NKV", num_kv_heads), ("V_FROM_K", k_eq_v))
-    (queries,) = _launch(kernel, inputs, x, w, group_size, kernel_bits, simds, template,
-                         output_shape=(B, query_heads, L, D))
+    (queries,) = _launch(kernel, inputs, x, w, group_size, kernel_bits, simds, template, [(B, query_heads, L, D)])
     return (queries, *into[:2]) if in_cache else (queries, None, None)
+
+
+def gated_qmv_norm_residual_qmv_ref(
+    gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+    biases: mx.array | None, group_size: int, bits: int, weight: mx.array, residual: mx.array,
+    scale: mx.array | None, eps: float, then: tuple,
+) -> tuple[mx.array, mx.array]:
+    """(out, out @ then's w.T): gated_qmv_norm_residual_ref's out (no next norm) and the next
+    projection of it, `then` as qmv's operands (w, scales, biases, group_size, bits; scales None:
+    a dense w). A PLE layer's feed-forward block ends so, and its PLE gate follows."""
+    out = gated_qmv_norm_residual_ref(gate, up, up_offset, w, scales, biases, group_size, bits, weight, residual,
+                                      scale, eps)
+    return out, _product_ref(out, *then)
+
+
+def gated_qmv_norm_residual_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array,
+                                         scales: mx.array | None, biases: mx.array | None, group_size: int,
+                                         bits: int, then: tuple) -> bool:
+    """gated_qmv's operands, and a `then` of qmv's layouts over out's rows, quantized where w is."""
+    then_w, then_scales, then_biases, then_group, then_bits = then
+    hidden = w.shape[0]
+    stored = then_w.shape[-1] if then_scales is None else then_w.shape[-1] * 32 // then_bits
+    return (gated_qmv_supports(gate, up, up_offset, w, scales, biases, group_size, bits)
+            and (then_scales is None) == (scales is None) and (then_scales is not None or then_w.dtype == w.dtype)
+            and stored == hidden and _fits_layout(hidden, then_w, then_scales, then_biases, then_group, then_bits))
+
+
+def gated_qmv_norm_residual_qmv(
+    gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, scales: mx.array | None,
+    biases: mx.array | None, group_size: int, bits: int, weight: mx.array, residual: mx.array,
+    scale: mx.array | None, eps: float, then: tuple,
+) -> tuple[mx.array, mx.array]:
+    """One launch on CUDA (THEN_QMV: threadgroups past the product's wait for out and project it),
+    as a decode step is bound by its host cost per graph node; gated_qmv_norm_residual then the
+    product elsewhere."""
+    if not last_threadgroup_merges():
+        out = gated_qmv_norm_residual(gate, up, up_offset, w, scales, biases, group_size, bits, weight, residual,
+                                      scale, eps)
+        return out, _product_ref(out, *then)
+    up, up_offset, _, kernel_bits = _gated_operands(gate, up, up_offset, w, scales, bits)
+    leading = {"x": gate, "up": up, "up_column": column_input(up_offset)}
+    return _norm_residual_launch(leading, True, gate, w, scales, biases, group_size, kernel_bits, weight, residual,
+                                 scale, eps, None, then)

@@ -2,7 +2,7 @@
 4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides; its
 GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights, and both
 builds ending the sub-block with norm_residual (NORM_RESIDUAL), and attention's q|k|v projection
-with its rope_norm (ROPE_NORM)."""
+with its rope_norm (ROPE_NORM), and a feed-forward end with the PLE gate after it (THEN_QMV)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from test_rope_norm import LAYOUTS, QUERY_HEADS, ROPES
 from tolerances import DTYPES, assert_close, random, requires_gpu
 
 from mlx_gemma4.kernels import (
-    MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref,
+    MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_qmv,
+    gated_qmv_norm_residual_qmv_supports, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref,
     norm_residual_ref, qmv, qmv_norm_residual, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm,
     qmv_rope_norm_supports, rope_norm,
 )
@@ -214,3 +215,40 @@ def test_rope_norm_matches_the_product_through_rope_norm(dtype, bits, layout, he
     for buffer, before in zip(buffers if num_kv_heads else (), pristine):
         for others in (slice(0, 29), slice(30, 40)):
             assert mx.array_equal(buffer[:, :, others], before[:, :, others]).item()
+
+
+# (dtype, bits, then's bits, rows, (K, N)): the down projections of E2B and E4B ending their
+# feed-forward blocks, then the PLE gate of 256 rows: dense after dense, 8 bits after 4 (the
+# default quantization), and the other kinds.
+THEN_CASES = [
+    (mx.bfloat16, 16, 16, 1, (6144, 1536)), (mx.bfloat16, 4, 8, 1, (6144, 1536)),
+    (mx.float16, 8, 8, 3, (10240, 2560)), (mx.float32, 4, 4, 3, (6144, 1536)), (mx.bfloat16, 16, 16, 3, (10240, 2560)),
+]
+
+
+@pytest.mark.parametrize("dtype,bits,then_bits,rows,shape", THEN_CASES, ids=str)
+def test_norm_residual_then_matches_the_block_end_then_its_projection(dtype, bits, then_bits, rows, shape):
+    """gated_qmv_norm_residual_qmv = (gated_qmv_norm_residual's out, out @ then.T); twice, as its
+    counters and flag are 0 after each call."""
+    K, N = shape
+    operands = gated_operands(dtype, bits, rows, (K, N, None, None))
+    then_weight = random((256, N), dtype, scale=0.05, seed=N)
+    if then_bits == 16:
+        then = (then_weight, None, None, 0, 0)
+    else:
+        then = (*mx.quantize(then_weight, group_size=64, bits=then_bits), 64, then_bits)
+    end = sub_block_end(dtype, rows, N, "plain")[:3]
+    assert gated_qmv_norm_residual_qmv_supports(*operands, then)
+    expected_out = gated_qmv_norm_residual(*operands, *end, 1e-6)
+    f32 = mx.float32
+    if then_bits == 16:
+        expected_then = expected_out.astype(f32) @ then_weight.astype(f32).T
+    else:
+        expected_then = qmv_ref(expected_out.astype(f32), then[0], then[1].astype(f32), then[2].astype(f32), 64,
+                                then_bits)
+    label = f"gated_qmv_norm_residual_qmv[{dtype} {bits}-bit then {then_bits}-bit N{N} M{rows}]"
+    for _ in range(2):
+        out, then_out = gated_qmv_norm_residual_qmv(*operands, *end, 1e-6, then)
+        assert_close(out, expected_out, dtype, f"{label} out")
+        assert_close(then_out, expected_then.astype(dtype), dtype, f"{label} then_out", extra_atol=N * 2e-8)
+        assert not arrival_counters(3).any().item()
