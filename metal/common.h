@@ -93,6 +93,23 @@ GEMMA_FN float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + metal::precise::tanh(inner));
 }
 
+// The 8 values of a 16-bit T in 4 words (16 bytes) as floats: bfloat16 as the high half of a
+// float where BF16, through T otherwise.
+template <typename T, bool BF16>
+GEMMA_FN void unpack_floats(const THREAD_ADDR uint* words, THREAD_ADDR float* dst) {
+  if (BF16) {
+    for (int p = 0; p < 4; p++) {
+      dst[2 * p] = as_type<float>(words[p] << 16);
+      dst[2 * p + 1] = as_type<float>(words[p] & 0xFFFF0000u);
+    }
+  } else {
+    const THREAD_ADDR T* values = (const THREAD_ADDR T*)(words);
+    for (int j = 0; j < 8; j++) {
+      dst[j] = static_cast<float>(values[j]);
+    }
+  }
+}
+
 // N consecutive values of T at `src` as floats: as 16-byte words where BF16 (T is bfloat16, the
 // high half of a float; `src` 16-byte aligned), value by value otherwise.
 template <typename T, int N, bool BF16>
@@ -101,10 +118,7 @@ GEMMA_FN void load_floats(const DEV_ADDR T* src, THREAD_ADDR float* dst) {
     for (int q = 0; q < N / 8; q++) {
       uint4 raw = *((const DEV_ADDR uint4*)(src) + q);
       uint parts[4] = {raw.x, raw.y, raw.z, raw.w};
-      for (int p = 0; p < 4; p++) {
-        dst[q * 8 + 2 * p] = as_type<float>(parts[p] << 16);
-        dst[q * 8 + 2 * p + 1] = as_type<float>(parts[p] & 0xFFFF0000u);
-      }
+      unpack_floats<T, true>(parts, dst + q * 8);
     }
   } else {
     for (int j = 0; j < N; j++) {

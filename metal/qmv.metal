@@ -69,50 +69,60 @@
 #if THEN_QMV
   const int then_block = int(threadgroup_position_in_grid.x) - (N + RPS - 1) / RPS;
   if (then_block >= 0) {
-    // A waiter: the rows of then_out once the last product threadgroup has written out.
+    // A waiter: a simdgroup a row of then_out. Its row of then_w is loaded while the product runs,
+    // so once the last product threadgroup has written out, only out's reads remain.
+    constexpr int THEN_VPT = 128 / THEN_BITS;
+    constexpr int THEN_LOADS = (HIDDEN + 32 * THEN_VPT - 1) / (32 * THEN_VPT);
+    constexpr uint THEN_MASK = THEN_BITS == 16 ? 0xFFFFu : (1u << THEN_BITS) - 1u;
+    const int P = int(then_w_shape[0]);
+    const int row = metal::min(then_block * SIMDS + int(group_simd), P - 1);  // past P: row P - 1, unwritten
+    uint4 packed[THEN_LOADS];
+    float scale_of[THEN_LOADS];
+    float bias_of[THEN_LOADS];
+    for (int i = 0; i < THEN_LOADS; i++) {
+      const int k0 = metal::min((int(lane) + 32 * i) * THEN_VPT, HIDDEN - THEN_VPT);
+      packed[i] = *((const device uint4*)((const device uint*)(then_w) + (size_t(row) * HIDDEN + k0) * THEN_BITS / 32));
+      const int g = row * (HIDDEN / THEN_GROUP) + k0 / THEN_GROUP;
+      scale_of[i] = THEN_BITS == 16 ? 0.0f : static_cast<float>(then_scales[g]);
+      bias_of[i] = THEN_BITS == 16 ? 0.0f : static_cast<float>(then_biases[g]);
+    }
     if (group_simd == 0 && lane == 0) {
       wait_flag(arrivals + 1);
     }
     threadgroup_barrier(mem_flags::mem_device);
-    constexpr int THEN_VPT = 128 / THEN_BITS;
-    constexpr uint THEN_MASK = THEN_BITS == 16 ? 0xFFFFu : (1u << THEN_BITS) - 1u;
-    const int P = int(then_w_shape[0]);
     // wait_flag's fence orders these reads after the last product threadgroup's writes.
     const device T* written = out;
-    for (int row = then_block * SIMDS + int(group_simd); row < P; row += THEN_TGS * SIMDS) {
-      for (int m = 0; m < M; m++) {
-        float acc = 0.0f;
-        for (int k0 = int(lane) * THEN_VPT; k0 < HIDDEN; k0 += 32 * THEN_VPT) {
-          float hs[THEN_VPT];
-          for (int j = 0; j < THEN_VPT; j++) {
-            hs[j] = static_cast<float>(written[m * HIDDEN + k0 + j]);
-          }
-          if (THEN_BITS == 16) {
-            float ws[THEN_VPT];
-            load_floats<WT, THEN_VPT, W_BF16>((const device WT*)(then_w) + size_t(row) * HIDDEN + k0, ws);
-            for (int j = 0; j < THEN_VPT; j++) {
-              acc += hs[j] * ws[j];
-            }
-            continue;
-          }
-          // A 16-byte load's values share one group: scale * sum(h q) + bias * sum(h).
-          const uint4 packed = *((const device uint4*)((const device uint*)(then_w) +
-                                                        (size_t(row) * HIDDEN + k0) * THEN_BITS / 32));
-          const uint words[4] = {packed.x, packed.y, packed.z, packed.w};
-          float dot = 0.0f;
-          float h_sum = 0.0f;
-          for (int j = 0; j < THEN_VPT; j++) {
-            const uint q = (words[j * THEN_BITS / 32] >> ((j * THEN_BITS) % 32)) & THEN_MASK;
-            dot += hs[j] * float(q);
-            h_sum += hs[j];
-          }
-          const int g = row * (HIDDEN / THEN_GROUP) + k0 / THEN_GROUP;
-          acc += static_cast<float>(then_scales[g]) * dot + static_cast<float>(then_biases[g]) * h_sum;
+    for (int m = 0; m < M; m++) {
+      float acc = 0.0f;
+      for (int i = 0; i < THEN_LOADS; i++) {
+        const int k0 = (int(lane) + 32 * i) * THEN_VPT;
+        if (k0 >= HIDDEN) {
+          continue;
         }
-        const float total = simd_sum(acc);
-        if (lane == 0) {
-          then_out[m * P + row] = static_cast<T>(total);
+        float hs[THEN_VPT];
+        load_floats<T, THEN_VPT, X_BF16>(written + m * HIDDEN + k0, hs);
+        const uint words[4] = {packed[i].x, packed[i].y, packed[i].z, packed[i].w};
+        if (THEN_BITS == 16) {
+          float ws[THEN_VPT];
+          unpack_floats<WT, W_BF16>(words, ws);  // 8 values: a 16-bit then_w
+          for (int j = 0; j < THEN_VPT; j++) {
+            acc += hs[j] * ws[j];
+          }
+          continue;
         }
+        // A 16-byte load's values share one group: scale * sum(h q) + bias * sum(h).
+        float dot = 0.0f;
+        float h_sum = 0.0f;
+        for (int j = 0; j < THEN_VPT; j++) {
+          const uint q = (words[j * THEN_BITS / 32] >> ((j * THEN_BITS) % 32)) & THEN_MASK;
+          dot += hs[j] * float(q);
+          h_sum += hs[j];
+        }
+        acc += scale_of[i] * dot + bias_of[i] * h_sum;
+      }
+      const float total = simd_sum(acc);
+      if (lane == 0 && then_block * SIMDS + int(group_simd) < P) {
+        then_out[m * P + row] = static_cast<T>(total);
       }
     }
     // The last waiter lowers the flag for the next launch.
