@@ -42,7 +42,7 @@
 // up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
 // biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
 // Out: [M, N] in T (NORM_RESIDUAL: out, then the NEXT_NORMS normed outputs).
-// Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups.
+// Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups (THEN_QMV: THEN_TGS more).
 // Templates: T, WT (w's type), M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16), W_BF16 (WT is
 // bfloat16); K and N are read from the shapes, so one build serves every projection of a model.
 

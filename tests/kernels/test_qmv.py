@@ -149,19 +149,23 @@ def test_gated_norm_residual_matches_the_product_through_norm_residual(dtype, bi
 PLAIN_SHAPES = [(2048, 1536), (16384, 5376), (512, 1003)]
 
 
+def projection_case(dtype, bits: int, rows: int, K: int, N: int) -> tuple:
+    """(x [1, rows, K], qmv's operands for an [N, K] weight, x @ w.T as the oracle): the weight
+    quantized, or (bits 16) dense in dtype with the product in float32, rounded once."""
+    weight = random((N, K), dtype, scale=0.05, seed=K + N)
+    x = random((1, rows, K), dtype, seed=rows)
+    if bits == 16:
+        return x, (weight, None, None, 0, 0), (x.astype(mx.float32) @ weight.astype(mx.float32).T).astype(dtype)
+    operands = (*mx.quantize(weight, group_size=64, bits=bits), 64, bits)
+    return x, operands, qmv(x, *operands)
+
+
 @pytest.mark.parametrize("dtype,bits,rows,shape,ends", norm_residual_cases(PLAIN_SHAPES))
 def test_norm_residual_matches_the_product_through_norm_residual(dtype, bits, rows, shape, ends):
     """qmv_norm_residual = norm_residual of x @ w.T (quantized, or a 16-bit dense w), as
     attention's o_proj ends its sub-block."""
     K, N = shape
-    weight = random((N, K), dtype, scale=0.05, seed=K + N)
-    x = random((1, rows, K), dtype, seed=rows)
-    if bits == 16:
-        operands = (weight, None, None, 0, 0)
-        product = (x.astype(mx.float32) @ weight.astype(mx.float32).T).astype(dtype)
-    else:
-        operands = (*mx.quantize(weight, group_size=64, bits=bits), 64, bits)
-        product = qmv(x, *operands)
+    x, operands, product = projection_case(dtype, bits, rows, K, N)
     assert qmv_norm_residual_supports(x, *operands)
     assert_ends_sub_block(partial(qmv_norm_residual, x, *operands), product, sub_block_end(dtype, rows, N, ends),
                           dtype, f"qmv_norm_residual[{dtype} {bits}-bit K{K} N{N} M{rows} {ends}]")
@@ -182,14 +186,7 @@ def test_rope_norm_matches_the_product_through_rope_norm(dtype, bits, layout, he
     K = 1536 if head_dim == 256 else 2560
     num_kv_heads, k_eq_v = LAYOUTS[layout]
     N = (QUERY_HEADS + num_kv_heads * (1 if k_eq_v else 2)) * head_dim
-    weight = random((N, K), dtype, scale=0.05, seed=K + N)
-    x = random((1, rows, K), dtype, seed=rows)
-    if bits == 16:
-        operands = (weight, None, None, 0, 0)
-        product = (x.astype(mx.float32) @ weight.astype(mx.float32).T).astype(dtype)
-    else:
-        operands = (*mx.quantize(weight, group_size=64, bits=bits), 64, bits)
-        product = qmv(x, *operands)
+    x, operands, product = projection_case(dtype, bits, rows, K, N)
     rope = LayerRoPE(ROPES[head_dim], head_dim)
     q_weight = random((head_dim,), dtype, seed=1) * 0.5 + 1.0
     k_weight = random((head_dim,), dtype, seed=2) * 0.5 + 1.0 if num_kv_heads else None
