@@ -151,7 +151,8 @@ def select_kernels(enabled: bool | None = None) -> KernelSet:
 __all__ = [
     "ALL_KERNELS", "KERNELS", "KernelSet", "MAX_DECODE_QUERIES", "PROMPT_ROWS", "TWINS", "decode_attention",
     "decode_attention_ref", "gated_qmv", "gated_qmv_norm_residual", "gated_qmv_norm_residual_qmv",
-    "gated_qmv_norm_residual_qmv_ref", "gated_qmv_norm_residual_qmv_supports", "gated_qmv_norm_residual_ref", "gated_qmv_ref",
+    "gated_qmv_norm_residual_qmv_ref", "gated_qmv_norm_residual_qmv_supports", "gated_qmv_norm_residual_ref",
+    "gated_qmv_ref",
     "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled", "moe_norm_residual",
     "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual", "norm_residual_ref", "ple_inputs",
     "ple_inputs_ref", "qmm", "qmm_ref", "qmm_supports", "qmv", "qmv_norm_residual", "qmv_norm_residual_ref",
