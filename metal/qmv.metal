@@ -75,7 +75,8 @@
     constexpr int THEN_LOADS = (HIDDEN + 32 * THEN_VPT - 1) / (32 * THEN_VPT);
     constexpr uint THEN_MASK = THEN_BITS == 16 ? 0xFFFFu : (1u << THEN_BITS) - 1u;
     const int P = int(then_w_shape[0]);
-    const int row = metal::min(then_block * SIMDS + int(group_simd), P - 1);  // past P: row P - 1, unwritten
+    const int wanted = then_block * SIMDS + int(group_simd);
+    const int row = metal::min(wanted, P - 1);  // past P: row P - 1, unwritten
     uint4 packed[THEN_LOADS];
     float scale_of[THEN_LOADS];
     float bias_of[THEN_LOADS];
@@ -121,7 +122,7 @@
         acc += scale_of[i] * dot + bias_of[i] * h_sum;
       }
       const float total = simd_sum(acc);
-      if (lane == 0 && then_block * SIMDS + int(group_simd) < P) {
+      if (lane == 0 && wanted < P) {
         then_out[m * P + row] = static_cast<T>(total);
       }
     }

@@ -63,6 +63,11 @@ def _launch(kernel, inputs: list, x: mx.array, w: mx.array, group_size: int, bit
     )
 
 
+def _scale_inputs(scales: mx.array | None, biases: mx.array | None) -> tuple[mx.array, mx.array]:
+    """A launch's scales and biases inputs: a dense w's (scales None) are placeholders its build never reads."""
+    return (scales, biases) if scales is not None else (column_input(0), column_input(0))
+
+
 def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> mx.array:
     kernel = build("qmv", "qmv", ("x", "w", "scales", "biases"), ("out",))
     return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS)[0]
@@ -120,8 +125,7 @@ def gated_qmv(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array, 
     # Short rows (the PLE projection's 256 values) leave a threadgroup's later simdgroups no work.
     simds = max(1, min(SIMDS, K // (32 * (128 // kernel_bits))))
     kernel = build("qmv", "qmv", ("x", "up", "up_column", "w", "scales", "biases"), ("out",), defines=(("GATED", 1),))
-    if scales is None:  # unread by a dense build
-        scales = biases = column_input(0)
+    scales, biases = _scale_inputs(scales, biases)
     return _launch(kernel, [gate, up, column_input(up_offset), w, scales, biases], gate, w, group_size, kernel_bits,
                    simds)[0]
 
@@ -184,8 +188,7 @@ def _norm_residual_launch(
         ("out", *normed, *(("then_out",) if then else ())),
         defines=(("GATED", int(gated)), ("NORM_RESIDUAL", 1), ("NEXT_NORMS", count), ("THEN_QMV", int(bool(then)))),
     )
-    if scales is None:  # unread by a dense build
-        scales = biases = column_input(0)
+    scales, biases = _scale_inputs(scales, biases)
     inputs = [*leading.values(), w, scales, biases, residual, weight, weight if scale is None else scale,
               *next_weights, scalars(eps), arrival_counters(3 if then else 1), _product_scratch(residual.size)]
     # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
@@ -197,9 +200,7 @@ def _norm_residual_launch(
     if then:
         then_w, then_scales, then_biases, then_group, then_bits = then
         then_bits = DENSE_BITS if then_scales is None else then_bits
-        if then_scales is None:  # unread by a dense build
-            then_scales = then_biases = column_input(0)
-        inputs += [then_w, then_scales, then_biases]
+        inputs += [then_w, *_scale_inputs(then_scales, then_biases)]
         then_threadgroups = -(-then_w.shape[0] // simds)  # a simdgroup a row
         template += (("THEN_BITS", then_bits), ("THEN_GROUP", then_group), ("THEN_TGS", then_threadgroups))
         output_shapes.append((*residual.shape[:-1], then_w.shape[0]))
@@ -278,11 +279,9 @@ def qmv_rope_norm(
         defines=(("ROPE_NORM", 1), ("INTO_CACHE", int(in_cache))),
     )
     kernel_bits = DENSE_BITS if scales is None else bits
-    if scales is None:  # unread by a dense build
-        scales = biases = column_input(0)
-    inputs = [x, w, scales, biases, q_weight, q_weight if k_weight is None else k_weight, rope_positions(offset, B),
-              rope.inv_freq, scalars(eps), arrival_counters(heads_in), _product_scratch(B * L * w.shape[0]),
-              *(into if in_cache else ())]
+    inputs = [x, w, *_scale_inputs(scales, biases), q_weight, q_weight if k_weight is None else k_weight,
+              rope_positions(offset, B), rope.inv_freq, scalars(eps), arrival_counters(heads_in),
+              _product_scratch(B * L * w.shape[0]), *(into if in_cache else ())]
     # Enough simdgroups for a row's 16-byte loads in one pass (E2B's K of 1536: 6 dense, 2 at 4 bits).
     simds = min(DENSE_NORM_SIMDS, -(-K // (32 * (128 // kernel_bits))))
     template = (("D", D), ("NQ", query_heads), ("NKV", num_kv_heads), ("V_FROM_K", k_eq_v))
