@@ -153,18 +153,23 @@ GEMMA_FN void combine_splits(P ml, P acc, int nsplit, DEV_ADDR T* out, TG_ADDR f
   constexpr int SPLITS_IN_FLIGHT = 8;
   uint lane = t % 32;
   uint sg = t / 32;
+  // A thread's splits' sums, relative to the largest of their maxima: the (max, sum) pairs are
+  // read once, together, and the row's total needs no second read.
   float split_max = GEMMA_NEG_BIG;
-  for (int s = int(t); s < nsplit; s += TG) {
-    weight[s] = ml[2 * s];
-    split_max = metal::max(split_max, weight[s]);
-  }
-  float row_max = block_max<TG / 32>(split_max, buf, lane, sg);
   float split_total = 0.0f;
   for (int s = int(t); s < nsplit; s += TG) {
-    weight[s] = metal::exp(weight[s] - row_max);
-    split_total += ml[2 * s + 1] * weight[s];
+    const float split_m = ml[2 * s];
+    const float split_l = ml[2 * s + 1];
+    const float top = metal::max(split_max, split_m);
+    split_total = split_total * metal::exp(split_max - top) + split_l * metal::exp(split_m - top);
+    split_max = top;
+    weight[s] = split_m;
   }
-  float total = block_sum<TG / 32>(split_total, buf, lane, sg);
+  float row_max = block_max<TG / 32>(split_max, buf, lane, sg);
+  float total = block_sum<TG / 32>(split_total * metal::exp(split_max - row_max), buf, lane, sg);
+  for (int s = int(t); s < nsplit; s += TG) {
+    weight[s] = metal::exp(weight[s] - row_max);
+  }
   float inv = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key: 0, not NaN
   threadgroup_barrier(mem_flags::mem_threadgroup);  // every split's weight is written
   for (int d = int(t); d < D; d += TG) {

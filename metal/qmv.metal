@@ -285,34 +285,51 @@
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (finishes[0] != 0u) {
     // Each thread's values go CHUNK at a time, their loads issued before any is used: the lone
-    // threadgroup would otherwise wait on memory once per value.
+    // threadgroup would otherwise wait on memory once per value. Where they fit one chunk (HELD),
+    // the residual and the weights load with the product and stay in registers: one wait on
+    // memory for the whole epilogue instead of one a pass.
     constexpr int TG = SIMDS * 32;
     constexpr int PER_THREAD = (HIDDEN + TG - 1) / TG;
     constexpr int CHUNK = PER_THREAD < 16 ? PER_THREAD : 16;
+    constexpr bool HELD = PER_THREAD <= 12;  // then one chunk: CHUNK is PER_THREAD
+    constexpr int NEXT = NEXT_NORMS > 0 ? NEXT_NORMS : 1;
     // Volatile: other threadgroups of this launch wrote it.
     const volatile device float* rows_in = projected;
     const float eps = params[0];
     const float sc = HAS_SCALE ? static_cast<float>(scale[0]) : 1.0f;
     for (int m = 0; m < M; m++) {
       const size_t base = size_t(m) * HIDDEN;
+      float xs[CHUNK];
+      float res[CHUNK];
+      float ws[CHUNK];
+      float nexts[NEXT][CHUNK];
       float ss = 0.0f;
       for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
-        float xs[CHUNK];
         for (int k = 0; k < CHUNK; k++) {
-          const int i = int(tid) + (k0 + k) * TG;
-          xs[k] = i < HIDDEN ? rows_in[base + i] : 0.0f;
+          const int i = metal::min(int(tid) + (k0 + k) * TG, HIDDEN - 1);
+          xs[k] = rows_in[base + i];
+          if (HELD) {
+            res[k] = static_cast<float>(residual[base + i]);
+            ws[k] = static_cast<float>(norm_w[i]);
+#if NEXT_NORMS > 0
+            nexts[0][k] = static_cast<float>(next_w[i]);
+#endif
+#if NEXT_NORMS > 1
+            nexts[1][k] = static_cast<float>(next_w_2[i]);
+#endif
+#if NEXT_NORMS > 2
+            nexts[2][k] = static_cast<float>(next_w_3[i]);
+#endif
+          }
         }
         for (int k = 0; k < CHUNK; k++) {
-          ss += xs[k] * xs[k];
+          ss += int(tid) + (k0 + k) * TG < HIDDEN ? xs[k] * xs[k] : 0.0f;
         }
       }
       const float r = metal::precise::rsqrt(block_sum<SIMDS>(ss, buf, lane, group_simd) / float(HIDDEN) + eps);
       float ss_out = 0.0f;
       for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
-        float xs[CHUNK];
-        float res[CHUNK];
-        float ws[CHUNK];
-        for (int k = 0; k < CHUNK; k++) {
+        for (int k = 0; k < CHUNK && !HELD; k++) {
           const int i = metal::min(int(tid) + (k0 + k) * TG, HIDDEN - 1);
           xs[k] = rows_in[base + i];
           res[k] = static_cast<float>(residual[base + i]);
@@ -320,33 +337,37 @@
         }
         for (int k = 0; k < CHUNK; k++) {
           const int i = int(tid) + (k0 + k) * TG;
-          const float h = residual_value<T, HAS_SCALE>(xs[k], r, ws[k], res[k], sc);
+          xs[k] = residual_value<T, HAS_SCALE>(xs[k], r, ws[k], res[k], sc);  // out's value, kept for the next norms
           if (i < HIDDEN) {
-            out[base + i] = static_cast<T>(h);
-            ss_out += h * h;
+            out[base + i] = static_cast<T>(xs[k]);
+            ss_out += xs[k] * xs[k];
           }
         }
       }
 #if NEXT_NORMS > 0
       const float r_out = metal::precise::rsqrt(block_sum<SIMDS>(ss_out, buf, lane, group_simd) / float(HIDDEN) + eps);
       for (int k0 = 0; k0 < PER_THREAD; k0 += CHUNK) {
-        float hs[CHUNK];
-        float ws[CHUNK];
-        for (int k = 0; k < CHUNK; k++) {
+        for (int k = 0; k < CHUNK && !HELD; k++) {
           const int i = metal::min(int(tid) + (k0 + k) * TG, HIDDEN - 1);
-          hs[k] = static_cast<float>(out[base + i]);
-          ws[k] = static_cast<float>(next_w[i]);
+          xs[k] = static_cast<float>(out[base + i]);
+          nexts[0][k] = static_cast<float>(next_w[i]);
+#if NEXT_NORMS > 1
+          nexts[1][k] = static_cast<float>(next_w_2[i]);
+#endif
+#if NEXT_NORMS > 2
+          nexts[2][k] = static_cast<float>(next_w_3[i]);
+#endif
         }
         for (int k = 0; k < CHUNK; k++) {
           const int i = int(tid) + (k0 + k) * TG;
           if (i < HIDDEN) {
-            const float v = hs[k] * r_out;
-            normed[base + i] = static_cast<T>(v * ws[k]);
+            const float v = xs[k] * r_out;
+            normed[base + i] = static_cast<T>(v * nexts[0][k]);
 #if NEXT_NORMS > 1
-            normed_2[base + i] = static_cast<T>(v * static_cast<float>(next_w_2[i]));
+            normed_2[base + i] = static_cast<T>(v * nexts[1][k]);
 #endif
 #if NEXT_NORMS > 2
-            normed_3[base + i] = static_cast<T>(v * static_cast<float>(next_w_3[i]));
+            normed_3[base + i] = static_cast<T>(v * nexts[2][k]);
 #endif
           }
         }
@@ -386,31 +407,41 @@
     for (int m = 0; m < M; m++) {
       const int b = m / L;
       const int l = m % L;
-      float x1[PAIRS];
-      float x2[PAIRS];
-      float ss = 0.0f;
-      for (int i = 0; i < PAIRS; i++) {
-        const int t = metal::min(int(tid) + i * TG, HALF - 1);
-        x1[i] = rows_in[size_t(m) * N + head * D + t];
-        x2[i] = rows_in[size_t(m) * N + head * D + t + HALF];
-        ss += int(tid) + i * TG < HALF ? x1[i] * x1[i] + x2[i] * x2[i] : 0.0f;
-      }
-      const float r = metal::precise::rsqrt(block_sum<SIMDS>(ss, buf, lane, group_simd) / float(D) + params[0]);
+      // The weights, frequencies and position load with the rows: one wait on memory, not one a pass.
+      const float eps = params[0];
       const float p = float(pos[b] + l);
 #if INTO_CACHE
       const int kv_head = is_v ? head - NQ - NKV : head - NQ;
       const size_t cache_base = (size_t(b) * NKV + kv_head) * size_t(k_cache_shape[2]) + size_t(slot[0]);
 #endif
+      float x1[PAIRS];
+      float x2[PAIRS];
+      float w1[PAIRS];
+      float w2[PAIRS];
+      float high[PAIRS];
+      float low[PAIRS];
+      float ss = 0.0f;
+      for (int i = 0; i < PAIRS; i++) {
+        const int t = metal::min(int(tid) + i * TG, HALF - 1);
+        x1[i] = rows_in[size_t(m) * N + head * D + t];
+        x2[i] = rows_in[size_t(m) * N + head * D + t + HALF];
+        w1[i] = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t] : q_w[t]);
+        w2[i] = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t + HALF] : q_w[t + HALF]);
+        high[i] = inv_freq[t];
+        low[i] = inv_freq[HALF + t];
+      }
+      for (int i = 0; i < PAIRS; i++) {
+        ss += int(tid) + i * TG < HALF ? x1[i] * x1[i] + x2[i] * x2[i] : 0.0f;
+      }
+      const float r = metal::precise::rsqrt(block_sum<SIMDS>(ss, buf, lane, group_simd) / float(D) + eps);
       for (int i = 0; i < PAIRS; i++) {
         const int t = int(tid) + i * TG;
         if (t >= HALF) {
           continue;
         }
-        const float w1 = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t] : q_w[t]);
-        const float w2 = is_v ? 1.0f : static_cast<float>(is_k ? k_w[t + HALF] : q_w[t + HALF]);
         float o1;
         float o2;
-        norm_rotate_pair<T>(x1[i], x2[i], r, w1, w2, !is_v, p, inv_freq[t], inv_freq[HALF + t], &o1, &o2);
+        norm_rotate_pair<T>(x1[i], x2[i], r, w1[i], w2[i], !is_v, p, high[i], low[i], &o1, &o2);
         if (!is_k && !is_v) {
           const size_t base = ((size_t(b) * NQ + head) * L + l) * D;
           queries[base + t] = static_cast<T>(o1);
