@@ -61,6 +61,18 @@ __device__ inline bool arrive_last(const unsigned int* counter, unsigned int cou
   return last;
 }
 
+// arrive_last for a whole threadgroup, after its device writes: its first thread (tid 0) asks,
+// and every thread gets the answer through `answer`, one uint of threadgroup memory.
+__device__ inline bool threadgroup_arrives_last(const unsigned int* counter, unsigned int count, unsigned int* answer,
+                                                unsigned int tid) {
+  __syncthreads();
+  if (tid == 0) {
+    answer[0] = arrive_last(counter, count) ? 1u : 0u;
+  }
+  __syncthreads();
+  return answer[0] != 0u;
+}
+
 // A flag one threadgroup of a launch raises for others that wait on it (one thread of each calls
 // these): raise_flag after a barrier over the raiser's device writes; wait_flag returns once it is
 // raised, and the waiter then reads those writes. The raiser must never wait on a waiter, and the

@@ -162,12 +162,7 @@
 #if FUSED_COMBINE
   threadgroup uint finishes_row[1];
   threadgroup float weight[MAX_SPLITS];
-  threadgroup_barrier(mem_flags::mem_device);
-  if (t == 0) {
-    finishes_row[0] = arrive_last(arrivals + row, nsplit) ? 1u : 0u;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (finishes_row[0] != 0u) {
+  if (threadgroup_arrives_last(arrivals + row, nsplit, finishes_row, t)) {
     // Volatile: other threadgroups of this launch wrote the splits.
     const volatile device float* row_ml = part_ml + size_t(row) * nsplit * 2;
     const volatile device float* row_acc = part_acc + size_t(row) * nsplit * D;

@@ -278,12 +278,7 @@
   threadgroup uint finishes[1];
   threadgroup float buf[SIMDS];
   const uint tid = group_simd * 32 + lane;
-  threadgroup_barrier(mem_flags::mem_device);
-  if (tid == 0) {
-    finishes[0] = arrive_last(arrivals, uint((N + RPS - 1) / RPS)) ? 1u : 0u;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (finishes[0] != 0u) {
+  if (threadgroup_arrives_last(arrivals, uint((N + RPS - 1) / RPS), finishes, tid)) {
     // Each thread's values go CHUNK at a time, their loads issued before any is used: the lone
     // threadgroup would otherwise wait on memory once per value. Where they fit one chunk (HELD),
     // the residual and the weights load with the product and stay in registers: one wait on
@@ -390,12 +385,7 @@
   threadgroup float buf[SIMDS];
   const uint tid = group_simd * 32 + lane;
   const int head = first / D;
-  threadgroup_barrier(mem_flags::mem_device);
-  if (tid == 0) {
-    finishes[0] = arrive_last(arrivals + head, uint(D / RPS)) ? 1u : 0u;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (finishes[0] != 0u) {
+  if (threadgroup_arrives_last(arrivals + head, uint(D / RPS), finishes, tid)) {
     constexpr int TG = SIMDS * 32;
     constexpr int HALF = D / 2;
     constexpr int PAIRS = (HALF + TG - 1) / TG;  // a thread's pairs t, t + TG, ...
