@@ -90,10 +90,12 @@ def kernel_table(csv_path: Path) -> str:
     if not rows:
         raise SystemExit(f"{csv_path}: no ncu CSV rows (run the step under ncu --csv first)")
     header, data = rows[0], rows[1:]
-    name_at, unit_at, value_at = (header.index(k) for k in ("Kernel Name", "Metric Unit", "Metric Value"))
+    name_at, metric_at, unit_at, value_at = (
+        header.index(k) for k in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value"))
     total_us, launches = collections.Counter(), collections.Counter()
     for row in data:
-        if row[value_at]:
+        # Only the durations: a CSV with more --metrics (grid size, ...) has a row per metric.
+        if row[value_at] and row[metric_at] == "gpu__time_duration.sum":
             name = re.sub(r"\(.*", "", row[name_at])  # the signature's arguments, not the name
             total_us[name] += float(row[value_at].replace(",", "")) * MICROSECONDS_PER_UNIT[row[unit_at]]
             launches[name] += 1
