@@ -80,16 +80,30 @@ class CompiledPrompt:
     are padded at the end to a multiple of BUCKET tokens, so one trace (36-69 ms on the dense
     models) serves BUCKET lengths: causal attention keeps the padding out of every real
     position's K/V and logits, the experts' grouping leaves it out (model.ExpertRows), and only
-    the real positions are stored. Longer prompts run plain, as do the 31B (98 against 112 ms,
+    the real positions are stored. Longer prompts run plain (but see below), as do the 31B (98 against 112 ms,
     but 5 s for the first call) and the CPU, where a compiled fill measured no faster and its
     first call per bucket took seconds (e2b-mini, 2 cores).
+
+    Past MAX_TOKENS a prompt compiles only on unquantized models up to LONG_MAX_HIDDEN wide,
+    whose plain fill the host bounds: E2B bf16, p=512, 10.3 against 12.1 ms (H100). The host
+    queues a compiled graph faster than the device runs it, and the device holds each queued
+    buffer until it is done with it (E2B bf16, p=512: 0.56 GB over the weights, where the plain
+    fill holds 0.28), so these longer ones are queued holding at most QUEUED_BYTES more, past
+    which MLX's evaluation waits for the device (0.29 GB). Bounded, E4B bf16's compiled p=512
+    and E2B/E4B 4-bit's p=256 were slower than their plain fill and unbounded graph; a quantized
+    model's longer chunk multiplies dequantized weights (E4B 4-bit, p=512: 3.3 GB unbounded).
     """
 
     BUCKET = 64
     MAX_TOKENS = 256
+    MAX_LONG_TOKENS = 512
+    LONG_MAX_HIDDEN = 2048
+    QUEUED_BYTES = 1 << 28
 
     def __init__(self, model: Model):
         self.model = model
+        long = model.config.hidden_size <= self.LONG_MAX_HIDDEN and not model.quantizes_projections()
+        self.max_tokens = self.MAX_LONG_TOKENS if long else self.MAX_TOKENS
         self._cache: list = []  # the caches being filled; their kinds and windows shape the graph
         self._prompt = mx.compile(self._traced)
         self.capacity_factors: dict[int, float] = {}  # per bucket: the experts' room (model.ExpertRows)
@@ -110,8 +124,8 @@ class CompiledPrompt:
             and model.config.hidden_size <= HOST_BOUND_MAX_HIDDEN
             and CompiledDecode.applies_to(model, cache)
             and prompt.shape[0] == 1
-            and prompt.shape[1] <= CompiledPrompt.MAX_TOKENS
             and all(c.empty() for c in cache)
+            and prompt.shape[1] <= CompiledPrompt.for_model(model).max_tokens
         )
 
     def _traced(self, tokens: mx.array, last: mx.array, capacity_factor: float):
@@ -126,6 +140,19 @@ class CompiledPrompt:
         overflowed = mx.stack(rows.overflows).any() if self.checks_overflow else mx.array(False)
         return logits, overflowed, [(v.keys, v.values) for v in views]
 
+    def _queue(self, tokens: mx.array, last: mx.array, capacity_factor: float):
+        """The compiled graph's outputs; past MAX_TOKENS queued on the device holding at most
+        QUEUED_BYTES more."""
+        outputs = self._prompt(tokens, last, capacity_factor)
+        if tokens.shape[1] <= self.MAX_TOKENS:
+            return outputs
+        limit = mx.set_memory_limit(mx.get_active_memory() + self.QUEUED_BYTES)
+        try:
+            mx.async_eval(outputs)
+        finally:
+            mx.set_memory_limit(limit)
+        return outputs
+
     def __call__(self, prompt: mx.array, cache: list) -> mx.array:
         """Logits [1, vocab] of the last position of `prompt` [1, L]; fills the empty `cache`."""
         length = prompt.shape[1]
@@ -135,7 +162,7 @@ class CompiledPrompt:
         tokens = mx.pad(prompt, ((0, 0), (0, padded - length)))
         while True:
             factor = self.capacity_factors.get(padded, EXPERT_CAPACITY_FACTOR)
-            logits, overflowed, filled = self._prompt(tokens, last, factor)
+            logits, overflowed, filled = self._queue(tokens, last, factor)
             # An expert routed more rows than it had room for: again with twice the room, which
             # ends by room for every row (random-weight 26B-A4B, p=64: 4 times the share was short).
             if not (self.checks_overflow and overflowed.item()):

@@ -145,7 +145,7 @@ def test_prompt_last_token_runs_in_the_last_chunk_not_a_decode_step(checkpoints,
 
 
 @pytest.mark.parametrize("name", ["ple_shared", "k_eq_v"])
-@pytest.mark.parametrize("length", [1, 11, 64, 200])
+@pytest.mark.parametrize("length", [1, 11, 64, 200, 300])
 @pytest.mark.parametrize("headroom", [3, 256])
 def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, monkeypatch, name, length, headroom):
     """A prompt padded to its bucket (sliding window shorter than it from 11 tokens on, rings
@@ -187,12 +187,24 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     assert CompiledPrompt.applies_to(model, prompt, cache) is not mx.default_device() == mx.cpu
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
     assert CompiledPrompt.applies_to(model, prompt, cache)
-    assert not CompiledPrompt.applies_to(model, mx.zeros((1, CompiledPrompt.MAX_TOKENS + 1), mx.int32), cache)
+    # Unquantized and narrow: up to MAX_LONG_TOKENS; quantized or wider, MAX_TOKENS (their
+    # longer chunks compiled were no faster than plain).
+    longest = mx.zeros((1, CompiledPrompt.MAX_LONG_TOKENS), mx.int32)
+    assert CompiledPrompt.MAX_TOKENS < CompiledPrompt.MAX_LONG_TOKENS
+    assert CompiledPrompt.applies_to(model, longest, cache)
+    assert not CompiledPrompt.applies_to(model, mx.concatenate([longest, prompt], axis=1), cache)
+    quantized = checkpoints.model("ple_shared", quantize_bits=4)
+    assert CompiledPrompt.applies_to(quantized, longest[:, : CompiledPrompt.MAX_TOKENS], quantized.make_cache())
+    assert not CompiledPrompt.applies_to(quantized, longest[:, : CompiledPrompt.MAX_TOKENS + 1], quantized.make_cache())
     assert not CompiledPrompt.applies_to(model, mx.concatenate([prompt, prompt]), cache)  # two rows
     assert not CompiledPrompt.applies_to(model, prompt, model.make_cache(left_padding=[0]))
     moe = checkpoints.model("moe")
     assert CompiledPrompt.applies_to(moe, prompt, moe.make_cache())
     config = model.config
+    model.config = dataclasses.replace(config, hidden_size=CompiledPrompt.LONG_MAX_HIDDEN + 1)  # E4B's regime
+    model._compiled_prompt = None
+    assert CompiledPrompt.applies_to(model, longest[:, : CompiledPrompt.MAX_TOKENS], cache)
+    assert not CompiledPrompt.applies_to(model, longest[:, : CompiledPrompt.MAX_TOKENS + 1], cache)
     model.config = dataclasses.replace(config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)  # the 31B's regime
     assert not CompiledPrompt.applies_to(model, prompt, cache)
     model.config = config
@@ -202,6 +214,25 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     assert not CompiledPrompt.applies_to(model, prompt, cache)  # the caches hold tokens now
     prefill(model, prompt, model.make_cache(), 512)
     assert isinstance(model._compiled_prompt, CompiledPrompt)
+
+
+def test_compiled_prompt_queued_past_its_memory_bound_gives_the_same_logits_and_keeps_the_limit(
+    checkpoints, monkeypatch
+):
+    """A prompt past MAX_TOKENS with no room to queue ahead: evaluation waits for the device op
+    by op, the same logits, and the user's memory limit is back in place afterwards."""
+    from mlx_gemma4 import generate
+    from mlx_gemma4.generate import CompiledPrompt
+
+    monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
+    model = checkpoints.model("ple_shared")
+    prompt = mx.array(checkpoints.prompt("ple_shared", CompiledPrompt.MAX_TOKENS + 40, seed=35))
+    limit = mx.get_memory_limit()
+    monkeypatch.setattr(CompiledPrompt, "QUEUED_BYTES", 0)
+    model._compiled_prompt = None
+    logits = CompiledPrompt.for_model(model)(prompt, model.make_cache())
+    assert mx.abs(logits - model(prompt)[:, -1]).max().item() <= 1e-4
+    assert mx.get_memory_limit() == limit
 
 
 @pytest.mark.parametrize("length", [11, 64, 200])
