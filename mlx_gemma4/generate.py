@@ -85,11 +85,13 @@ class CompiledPrompt:
     first call per bucket took seconds (e2b-mini, 2 cores).
 
     Past MAX_TOKENS a prompt compiles only on unquantized models up to LONG_MAX_HIDDEN wide,
-    whose plain fill the host bounds: E2B bf16, p=512, 10.3 against 12.1 ms (H100). The host
+    whose plain fill the host bounds: E2B bf16, p=512, 9.5 against 11.0 ms (H100). The host
     queues a compiled graph faster than the device runs it, and the device holds each queued
-    buffer until it is done with it (E2B bf16, p=512: 0.56 GB over the weights, where the plain
-    fill holds 0.28), so these longer ones are queued holding at most QUEUED_BYTES more, past
-    which MLX's evaluation waits for the device (0.29 GB). Bounded, E4B bf16's compiled p=512
+    buffer until it is done with it (E2B bf16, p=512, over the weights: 0.56 GB, where the plain
+    fill holds 0.09), so these longer ones are queued under a memory limit QUEUED_BYTES above
+    what is held before them, past which MLX's evaluation waits for the device: 0.29 GB held,
+    alike for limits from 32 to 256 MB (MLX waits between its batches of queued work), the
+    lower ones slower (32 MB: 15.5 against 12.7 ms). Bounded, E4B bf16's compiled p=512
     and E2B/E4B 4-bit's p=256 were slower than their plain fill and unbounded graph; a quantized
     model's longer chunk multiplies dequantized weights (E4B 4-bit, p=512: 3.3 GB unbounded).
     """
