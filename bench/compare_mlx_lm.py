@@ -597,6 +597,33 @@ def write_plot(results: list[dict], bandwidth_gbs: float, path: Path):
 # CLI
 
 
+def load_run(path: Path) -> dict:
+    """A `--json` run as `main` had it: JSON turned the prompt lengths' keys into strings."""
+    run = json.loads(path.read_text())
+    for result in run["results"]:
+        for side in (result["mlx_gemma4"], result["mlx_lm"]):
+            if "prompt" in side:
+                side["prompt"] = {int(length): runs for length, runs in side["prompt"].items()}
+    return run
+
+
+def print_merged_report(runs: list[dict]) -> list[dict]:
+    """One table over earlier `--json` runs (each model's row still from one process); returns
+    their results."""
+    print("# mlx_gemma4 vs mlx-lm, merged from separate runs")
+    for run in runs:
+        env, args = run["environment"], run["args"]
+        models = ", ".join(dict.fromkeys(f"{r['model']} {r['quant']}" for r in run["results"]))
+        print(f"- {models}: {env['date']}, {env['device_info'].get('device_name', env['device'])}, mlx {env['mlx']}, "
+              f"mlx-lm {env['mlx_lm']}, commit {env['mlx_gemma4_commit']}; median of {args['trials']} trials, "
+              f"decode {args['gen_tokens']} tokens after {args['decode_prompt_length']}")
+    print(f"- roofline bandwidth: {runs[0]['environment']['bandwidth_gbs']:g} GB/s")
+    print()
+    results = [result for run in runs for result in run["results"]]
+    print(markdown_table(results, runs[0]["environment"]["bandwidth_gbs"]))
+    return results
+
+
 def comma_list(choices):
     def parse(text: str) -> list[str]:
         items = [item.strip() for item in text.split(",") if item.strip()]
@@ -648,6 +675,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")
+    parser.add_argument(
+        "--from-json", type=Path, nargs="+", metavar="JSON",
+        help="run nothing: one table (and --plot) over earlier --json runs of one roofline bandwidth",
+    )
     args = parser.parse_args(argv)
     if args.gen_tokens < 2:
         parser.error("--gen-tokens must be at least 2 (decode speed is timed between tokens)")
@@ -662,6 +693,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        runs = [load_run(path) for path in args.from_json]
+        bandwidths = {run["environment"]["bandwidth_gbs"] for run in runs}
+        if len(bandwidths) > 1:
+            raise SystemExit(f"--from-json: the runs assume different roofline bandwidths {sorted(bandwidths)}")
+        results = print_merged_report(runs)
+        if args.plot:
+            write_plot(results, bandwidths.pop(), args.plot)
+        return
     env = environment(args)
     results = [compare(model, quant, args) for model in args.models for quant in args.quant]
     print_report(env, args, results)
