@@ -80,9 +80,9 @@ class CompiledPrompt:
     are padded at the end to a multiple of BUCKET tokens, so one trace (36-69 ms on the dense
     models) serves BUCKET lengths: causal attention keeps the padding out of every real
     position's K/V and logits, the experts' grouping leaves it out (model.ExpertRows), and only
-    the real positions are stored. Longer prompts run plain (but see below), as do the 31B (98 against 112 ms,
-    but 5 s for the first call) and the CPU, where a compiled fill measured no faster and its
-    first call per bucket took seconds (e2b-mini, 2 cores).
+    the real positions are stored. Longer prompts run plain (but see below), as do the 31B (98
+    against 112 ms, but 5 s for the first call) and the CPU, where a compiled fill measured no
+    faster and its first call per bucket took seconds (e2b-mini, 2 cores).
 
     Past MAX_TOKENS a prompt compiles only on unquantized models up to LONG_MAX_HIDDEN wide,
     whose plain fill the host bounds: E2B bf16, p=512, 9.5 against 11.0 ms (H100). The host
@@ -143,8 +143,8 @@ class CompiledPrompt:
         return logits, overflowed, [(v.keys, v.values) for v in views]
 
     def _queue(self, tokens: mx.array, last: mx.array, capacity_factor: float):
-        """The compiled graph's outputs; past MAX_TOKENS queued on the device holding at most
-        QUEUED_BYTES more."""
+        """The compiled graph's outputs; past MAX_TOKENS queued on the device under a memory
+        limit QUEUED_BYTES above what is held now (the user's limit is restored after)."""
         outputs = self._prompt(tokens, last, capacity_factor)
         if tokens.shape[1] <= self.MAX_TOKENS:
             return outputs
