@@ -148,7 +148,8 @@ class CompiledPrompt:
         outputs = self._prompt(tokens, last, capacity_factor)
         if tokens.shape[1] <= self.MAX_TOKENS:
             return outputs
-        limit = mx.set_memory_limit(mx.get_active_memory() + self.QUEUED_BYTES)
+        limit = mx.get_memory_limit()
+        mx.set_memory_limit(min(limit, mx.get_active_memory() + self.QUEUED_BYTES))  # never looser than the user's
         try:
             mx.async_eval(outputs)
         finally:
