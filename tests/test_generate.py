@@ -220,7 +220,8 @@ def test_compiled_prompt_queued_past_its_memory_bound_gives_the_same_logits_and_
     checkpoints, monkeypatch
 ):
     """A prompt past MAX_TOKENS with no room to queue ahead: evaluation waits for the device op
-    by op, the same logits, and the user's memory limit is back in place afterwards."""
+    by op, the same logits, and the user's memory limit is back in place afterwards; a tighter
+    limit of the user's is never loosened."""
     from mlx_gemma4 import generate
     from mlx_gemma4.generate import CompiledPrompt
 
@@ -233,6 +234,20 @@ def test_compiled_prompt_queued_past_its_memory_bound_gives_the_same_logits_and_
     logits = CompiledPrompt.for_model(model)(prompt, model.make_cache())
     assert mx.abs(logits - model(prompt)[:, -1]).max().item() <= 1e-4
     assert mx.get_memory_limit() == limit
+
+    # A user's limit tighter than the bound stays in force while the prompt is queued.
+    monkeypatch.setattr(CompiledPrompt, "QUEUED_BYTES", 1 << 40)
+    limits_while_queued = []
+    queue = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *arrays: (limits_while_queued.append(mx.get_memory_limit()),
+                                                           queue(*arrays)))
+    users = mx.get_active_memory() + (1 << 30)
+    mx.set_memory_limit(users)
+    try:
+        CompiledPrompt.for_model(model)(prompt, model.make_cache())
+        assert limits_while_queued == [users] and mx.get_memory_limit() == users
+    finally:
+        mx.set_memory_limit(limit)
 
 
 @pytest.mark.parametrize("length", [11, 64, 200])
