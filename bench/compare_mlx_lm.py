@@ -607,7 +607,7 @@ def load_run(path: Path) -> dict:
     return run
 
 
-def print_merged_report(runs: list[dict]) -> list[dict]:
+def print_merged_report(runs: list[dict], bandwidth_gbs: float) -> list[dict]:
     """One table over earlier `--json` runs (each model's row still from one process); returns
     their results."""
     print("# mlx_gemma4 vs mlx-lm, merged from separate runs")
@@ -617,10 +617,10 @@ def print_merged_report(runs: list[dict]) -> list[dict]:
         print(f"- {models}: {env['date']}, {env['device_info'].get('device_name', env['device'])}, mlx {env['mlx']}, "
               f"mlx-lm {env['mlx_lm']}, commit {env['mlx_gemma4_commit']}; median of {args['trials']} trials, "
               f"decode {args['gen_tokens']} tokens after {args['decode_prompt_length']}")
-    print(f"- roofline bandwidth: {runs[0]['environment']['bandwidth_gbs']:g} GB/s")
+    print(f"- roofline bandwidth: {bandwidth_gbs:g} GB/s")
     print()
     results = [result for run in runs for result in run["results"]]
-    print(markdown_table(results, runs[0]["environment"]["bandwidth_gbs"]))
+    print(markdown_table(results, bandwidth_gbs))
     return results
 
 
@@ -698,9 +698,10 @@ def main(argv=None):
         bandwidths = {run["environment"]["bandwidth_gbs"] for run in runs}
         if len(bandwidths) > 1:
             raise SystemExit(f"--from-json: the runs assume different roofline bandwidths {sorted(bandwidths)}")
-        results = print_merged_report(runs)
+        (bandwidth_gbs,) = bandwidths
+        results = print_merged_report(runs, bandwidth_gbs)
         if args.plot:
-            write_plot(results, bandwidths.pop(), args.plot)
+            write_plot(results, bandwidth_gbs, args.plot)
         return
     env = environment(args)
     results = [compare(model, quant, args) for model in args.models for quant in args.quant]
