@@ -70,42 +70,33 @@ class FillView:
 
 
 class CompiledPrompt:
-    """A short prompt into empty caches through one `mx.compile`d graph per length bucket: every
+    """A prompt into empty caches through one `mx.compile`d graph per length bucket: every
     position fills the caches, and the last alone runs the KV-shared layers and the LM head.
 
-    On a GPU a short prompt to a model up to HOST_BOUND_MAX_HIDDEN wide is bound by the host
-    building its graphs, as decode is. To the first token at p=128 (H100), against a plain fill
-    and the compiled step: E2B bf16 10.9 against 18.9 ms, E2B 4-bit 13.7 against 22.3, E4B bf16
-    13.9 against 26.8, E4B 4-bit 24.0 against 29.1, 26B-A4B 4-bit 45.1 against 96.2. Prompts
-    are padded at the end to a multiple of BUCKET tokens, so one trace (36-69 ms on the dense
-    models) serves BUCKET lengths: causal attention keeps the padding out of every real
-    position's K/V and logits, the experts' grouping leaves it out (model.ExpertRows), and only
-    the real positions are stored. Longer prompts run plain (but see below), as do the 31B (98
-    against 112 ms, but 5 s for the first call) and the CPU, where a compiled fill measured no
-    faster and its first call per bucket took seconds (e2b-mini, 2 cores).
+    On a GPU a prompt to a model up to HOST_BOUND_MAX_HIDDEN wide is bound by the host building
+    its graphs, as decode is. To the first token at p=512 (H100), against a plain fill: E2B bf16
+    9.6 against 18.0 ms, E2B 4-bit 9.1 against 14.3, E4B bf16 12.6 against 20.0, E4B 4-bit 19.0
+    against 25.3, 26B-A4B 4-bit 76.4 against 98.3 (p=128: E2B bf16 7.0 against 11.2). Prompts
+    are padded at the end to a multiple of BUCKET tokens, so one trace (20-70 ms) serves BUCKET
+    lengths: causal attention keeps the padding out of every real position's K/V and logits,
+    the experts' grouping leaves it out (model.ExpertRows), and only the real positions are
+    stored. Longer prompts run plain, as do the 31B (98 against 112 ms at p=128, but 5 s for
+    the first call) and the CPU, where a compiled fill measured no faster and its first call per
+    bucket took seconds (e2b-mini, 2 cores).
 
-    Past MAX_TOKENS a prompt compiles only on unquantized models up to LONG_MAX_HIDDEN wide,
-    whose plain fill the host bounds: E2B bf16, p=512, 9.5 against 11.0 ms (H100). The host
-    queues a compiled graph faster than the device runs it, and the device holds each queued
-    buffer until it is done with it (E2B bf16, p=512, over the weights: 0.56 GB, where the plain
-    fill holds 0.09), so these longer ones are queued under a memory limit QUEUED_BYTES above
-    what is held before them, past which MLX's evaluation waits for the device: 0.29 GB held,
-    alike for limits from 32 to 256 MB (MLX waits between its batches of queued work), the
-    lower ones slower (32 MB: 15.5 against 12.7 ms). Bounded, E4B bf16's compiled p=512
-    and E2B/E4B 4-bit's p=256 were slower than their plain fill and unbounded graph; a quantized
-    model's longer chunk multiplies dequantized weights (E4B 4-bit, p=512: 3.3 GB unbounded).
+    The host queues a compiled graph faster than the device runs it, and the device holds each
+    queued buffer until it is done with it: at p=512, queued at once, E4B 4-bit held 3.1 GB over
+    its weights (it multiplies dequantized weights) and 26B-A4B 10.2, where their plain fills
+    held 0.6 and 0.5. So the graph goes to the device one cache-owning layer at a time, each
+    queued while the one before runs, never further ahead (`_queue`): 0.6 and 1.2 GB, and no
+    slower than queued at once (E2B bf16 0.12 GB, the plain fill 0.08).
     """
 
     BUCKET = 64
-    MAX_TOKENS = 256
-    MAX_LONG_TOKENS = 512
-    LONG_MAX_HIDDEN = 2048
-    QUEUED_BYTES = 1 << 28
+    MAX_TOKENS = 512
 
     def __init__(self, model: Model):
         self.model = model
-        long = model.config.hidden_size <= self.LONG_MAX_HIDDEN and not model.quantizes_projections()
-        self.max_tokens = self.MAX_LONG_TOKENS if long else self.MAX_TOKENS
         self._cache: list = []  # the caches being filled; their kinds and windows shape the graph
         self._prompt = mx.compile(self._traced)
         self.capacity_factors: dict[int, float] = {}  # per bucket: the experts' room (model.ExpertRows)
@@ -127,7 +118,7 @@ class CompiledPrompt:
             and CompiledDecode.applies_to(model, cache)
             and prompt.shape[0] == 1
             and all(c.empty() for c in cache)
-            and prompt.shape[1] <= CompiledPrompt.for_model(model).max_tokens
+            and prompt.shape[1] <= CompiledPrompt.MAX_TOKENS
         )
 
     def _traced(self, tokens: mx.array, last: mx.array, capacity_factor: float):
@@ -143,17 +134,15 @@ class CompiledPrompt:
         return logits, overflowed, [(v.keys, v.values) for v in views]
 
     def _queue(self, tokens: mx.array, last: mx.array, capacity_factor: float):
-        """The compiled graph's outputs; past MAX_TOKENS queued on the device under a memory
-        limit QUEUED_BYTES above what is held now (the user's limit is restored after)."""
+        """The compiled graph's outputs, queued on the device up to each cache owner's K/V in
+        turn: queueing one waits for the one before, so at most two layers' buffers are held."""
         outputs = self._prompt(tokens, last, capacity_factor)
-        if tokens.shape[1] <= self.MAX_TOKENS:
-            return outputs
-        limit = mx.get_memory_limit()
-        mx.set_memory_limit(min(limit, mx.get_active_memory() + self.QUEUED_BYTES))  # never looser than the user's
-        try:
-            mx.async_eval(outputs)
-        finally:
-            mx.set_memory_limit(limit)
+        _, _, filled = outputs
+        running = []
+        for segment in filled[1:] + [outputs]:
+            mx.async_eval(segment)
+            mx.eval(running)  # already queued: waits for it
+            running = segment
         return outputs
 
     def __call__(self, prompt: mx.array, cache: list) -> mx.array:

@@ -576,11 +576,8 @@ class Model(nn.Module):
         and wider where the kernel set's qmv multiplies the quantized projections."""
         if self.config.hidden_size <= HOST_BOUND_MAX_HIDDEN:
             return True
-        return self.quantizes_projections() and self.ops.quantized_matmul is not qmv_ref
-
-    def quantizes_projections(self) -> bool:
-        """Whether any projection multiplies quantized weights (`quantized_product`)."""
-        return any(isinstance(module, QuantizedLinear) for _, module in self.named_modules())
+        routed = any(isinstance(module, QuantizedLinear) for _, module in self.named_modules())
+        return routed and self.ops.quantized_matmul is not qmv_ref
 
     def keep_transposed_weights(self):
         """Give every unquantized projection its transposed weight view (`Linear`); call it

@@ -145,7 +145,7 @@ def test_prompt_last_token_runs_in_the_last_chunk_not_a_decode_step(checkpoints,
 
 
 @pytest.mark.parametrize("name", ["ple_shared", "k_eq_v"])
-@pytest.mark.parametrize("length", [1, 11, 64, 200, 300])
+@pytest.mark.parametrize("length", [1, 11, 64, 200, 300, 512])
 @pytest.mark.parametrize("headroom", [3, 256])
 def test_compiled_prompt_gives_the_plain_prompts_logits_and_caches(checkpoints, monkeypatch, name, length, headroom):
     """A prompt padded to its bucket (sliding window shorter than it from 11 tokens on, rings
@@ -187,24 +187,16 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     assert CompiledPrompt.applies_to(model, prompt, cache) is not mx.default_device() == mx.cpu
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
     assert CompiledPrompt.applies_to(model, prompt, cache)
-    # Unquantized and narrow: up to MAX_LONG_TOKENS; quantized or wider, MAX_TOKENS (their
-    # longer chunks compiled were no faster than plain).
-    longest = mx.zeros((1, CompiledPrompt.MAX_LONG_TOKENS), mx.int32)
-    assert CompiledPrompt.MAX_TOKENS < CompiledPrompt.MAX_LONG_TOKENS
+    longest = mx.zeros((1, CompiledPrompt.MAX_TOKENS), mx.int32)
     assert CompiledPrompt.applies_to(model, longest, cache)
     assert not CompiledPrompt.applies_to(model, mx.concatenate([longest, prompt], axis=1), cache)
     quantized = checkpoints.model("ple_shared", quantize_bits=4)
-    assert CompiledPrompt.applies_to(quantized, longest[:, : CompiledPrompt.MAX_TOKENS], quantized.make_cache())
-    assert not CompiledPrompt.applies_to(quantized, longest[:, : CompiledPrompt.MAX_TOKENS + 1], quantized.make_cache())
+    assert CompiledPrompt.applies_to(quantized, longest, quantized.make_cache())
     assert not CompiledPrompt.applies_to(model, mx.concatenate([prompt, prompt]), cache)  # two rows
     assert not CompiledPrompt.applies_to(model, prompt, model.make_cache(left_padding=[0]))
     moe = checkpoints.model("moe")
     assert CompiledPrompt.applies_to(moe, prompt, moe.make_cache())
     config = model.config
-    model.config = dataclasses.replace(config, hidden_size=CompiledPrompt.LONG_MAX_HIDDEN + 1)  # E4B's regime
-    model._compiled_prompt = None
-    assert CompiledPrompt.applies_to(model, longest[:, : CompiledPrompt.MAX_TOKENS], cache)
-    assert not CompiledPrompt.applies_to(model, longest[:, : CompiledPrompt.MAX_TOKENS + 1], cache)
     model.config = dataclasses.replace(config, hidden_size=HOST_BOUND_MAX_HIDDEN + 1)  # the 31B's regime
     assert not CompiledPrompt.applies_to(model, prompt, cache)
     model.config = config
@@ -216,41 +208,42 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     assert isinstance(model._compiled_prompt, CompiledPrompt)
 
 
-def test_compiled_prompt_queued_past_its_memory_bound_gives_the_same_logits_and_keeps_the_limit(
-    checkpoints, monkeypatch
-):
-    """A prompt past MAX_TOKENS with no room to queue ahead: evaluation waits for the device op
-    by op, the same logits, and the user's memory limit is back in place afterwards; a tighter
-    limit of the user's is never loosened."""
+def test_compiled_prompt_queues_one_cache_owner_at_a_time_each_while_the_one_before_runs(checkpoints, monkeypatch):
+    """Each cache owner's K/V is queued, then the host waits for the owner before it: the device
+    never holds more than two layers' queued buffers. The plain fill's logits all the same."""
     from mlx_gemma4 import generate
     from mlx_gemma4.generate import CompiledPrompt
 
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
     model = checkpoints.model("ple_shared")
-    prompt = mx.array(checkpoints.prompt("ple_shared", CompiledPrompt.MAX_TOKENS + 40, seed=35))
-    limit = mx.get_memory_limit()
-    monkeypatch.setattr(CompiledPrompt, "QUEUED_BYTES", 0)
-    model._compiled_prompt = None
-    logits = CompiledPrompt.for_model(model)(prompt, model.make_cache())
+    prompt = mx.array(checkpoints.prompt("ple_shared", 40, seed=35))
+    cache = model.make_cache()
+    calls = []
+    queue, wait = mx.async_eval, mx.eval
+    monkeypatch.setattr(mx, "async_eval", lambda *arrays: (calls.append(("queue", arrays)), queue(*arrays)))
+    monkeypatch.setattr(mx, "eval", lambda *arrays: (calls.append(("wait", arrays)), wait(*arrays)))
+    compiled, queued_outputs = CompiledPrompt.for_model(model), []
+    compiled_queue = compiled._queue
+
+    def kept_queue(*args):
+        queued_outputs.append(compiled_queue(*args))
+        return queued_outputs[-1]
+
+    monkeypatch.setattr(compiled, "_queue", kept_queue)
+    logits = compiled(prompt, cache)
+    monkeypatch.undo()
+    assert [kind for kind, _ in calls] == ["queue", "wait"] * len(cache)
+    queued, waited = calls[0::2], calls[1::2]
+    assert waited[0][1] == ([],)
+    for (_, before), (_, waited_for) in zip(queued, waited[1:]):
+        assert waited_for[0] is before[0]
+    outputs = queued_outputs[0]
+    segments = [segment for _, (segment,) in queued]
+    assert all(a is b for a, b in zip(segments, [*outputs[2][1:], outputs], strict=True))  # owners' K/V, the rest
     assert mx.abs(logits - model(prompt)[:, -1]).max().item() <= 1e-4
-    assert mx.get_memory_limit() == limit
-
-    # A user's limit tighter than the bound stays in force while the prompt is queued.
-    monkeypatch.setattr(CompiledPrompt, "QUEUED_BYTES", 1 << 40)
-    limits_while_queued = []
-    queue = mx.async_eval
-    monkeypatch.setattr(mx, "async_eval", lambda *arrays: (limits_while_queued.append(mx.get_memory_limit()),
-                                                           queue(*arrays)))
-    users = mx.get_active_memory() + (1 << 30)
-    mx.set_memory_limit(users)
-    try:
-        CompiledPrompt.for_model(model)(prompt, model.make_cache())
-        assert limits_while_queued == [users] and mx.get_memory_limit() == users
-    finally:
-        mx.set_memory_limit(limit)
 
 
-@pytest.mark.parametrize("length", [11, 64, 200])
+@pytest.mark.parametrize("length", [11, 64, 200, 500])
 def test_compiled_prompt_of_a_moe_model_groups_the_experts_rows_without_the_host(checkpoints, monkeypatch, length):
     """The experts take fixed-capacity blocks that leave the padding out: the plain fill's
     logits and caches. A bucket whose prompt overflows an expert gets more room."""
