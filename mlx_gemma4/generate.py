@@ -160,6 +160,7 @@ class CompiledPrompt:
             if not (self.checks_overflow and overflowed.item()):
                 break
             self.capacity_factors[padded] = 2 * factor
+        self._cache = []  # traced: a dropped cache's buffers are freed now, not at the next prompt
         for c, (keys, values) in zip(cache, filled):
             c.update_and_fetch(keys[..., :length, :], values[..., :length, :])
         return logits
@@ -210,6 +211,7 @@ class CompiledDecode:
         # Every sliding cache sees the same writes, so one `lowest` serves them all.
         lowest = mx.array([max(getattr(c, "lowest", 0) for c in cache)], dtype=mx.int32)
         logits, buffers = self._step(token, position, lowest, [(c.keys, c.values) for c in cache])
+        self._cache = []  # traced: a dropped cache's buffers are freed now, not at the next step
         replaced = dict(zip(self._replaced, buffers))
         for i, c in enumerate(cache):
             StepView.commit(c, replaced.get(i))

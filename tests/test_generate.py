@@ -280,6 +280,26 @@ def test_compiled_prompt_of_a_moe_model_groups_the_experts_rows_without_the_host
     assert not model._compiled_prompt.checks_overflow and not model._compiled_prompt.capacity_factors
 
 
+def test_compiled_prompt_and_step_keep_no_cache_after_they_return(checkpoints, monkeypatch):
+    """A cache the caller drops is freed at once: neither compiled graph holds on to the caches
+    it last filled (a finished chat's K/V would stay until the next prompt or step)."""
+    import gc
+    import weakref
+
+    from mlx_gemma4 import generate
+    from mlx_gemma4.generate import CompiledDecode, CompiledPrompt
+
+    monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
+    model = checkpoints.model("ple_shared")
+    cache = model.make_cache()
+    mx.eval(CompiledPrompt.for_model(model)(mx.array(checkpoints.prompt("ple_shared", 9, seed=36)), cache))
+    mx.eval(CompiledDecode.for_model(model)(mx.array([[5]]), cache))
+    dropped = [weakref.ref(c) for c in cache]
+    del cache
+    gc.collect()
+    assert all(ref() is None for ref in dropped)
+
+
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     """The step's graph holds the only reference to each cache buffer, so the new K/V slot is
     written in place: a step over a 64 MB buffer allocates nothing near its size."""
