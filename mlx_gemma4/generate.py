@@ -117,8 +117,8 @@ class CompiledPrompt:
             and model.config.hidden_size <= HOST_BOUND_MAX_HIDDEN
             and CompiledDecode.applies_to(model, cache)
             and prompt.shape[0] == 1
-            and all(c.empty() for c in cache)
             and prompt.shape[1] <= CompiledPrompt.MAX_TOKENS
+            and all(c.empty() for c in cache)
         )
 
     def _traced(self, tokens: mx.array, last: mx.array, capacity_factor: float):
