@@ -18,7 +18,7 @@
 // FUSED_COMBINE (a define; CUDA only, for cuda_compat.h's arrive_last): the partial pass combines too.
 //   Each split counts itself in at arrivals[row] (uint32, 0 between launches), and the split that
 //   finishes its row last merges it and writes out: one launch a call instead of two. part_acc and
-//   part_ml are then inputs, scratch that persists between launches (each output costs MLX's host
+//   part_ml are then inputs, scratch the launches of a forward pass share (each output costs MLX's host
 //   a buffer a call), written through a cast.
 // Templates: T, D, NSG, HAS_MASK, CAUSAL, MAX_SPLITS, VEC (bfloat16 rows, EPT a multiple of 8)
 // (partial); T, D, TG, MAX_SPLITS, HQ, LQ (combine).

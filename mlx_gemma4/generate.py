@@ -11,6 +11,7 @@ import mlx.core as mx
 from .cache import KVCache, PromptCache, StepView, _PaddedCache, common_prefix_length
 from .channels import ChannelParser, Event
 from .errors import Gemma4Error
+from .kernels._source import shared_launch_buffers
 from .model import EXPERT_CAPACITY_FACTOR, HOST_BOUND_MAX_HIDDEN, ExpertRows, Model, runs_on_cpu
 from .sampling import SamplingOptions
 
@@ -121,6 +122,7 @@ class CompiledPrompt:
             and all(c.empty() for c in cache)
         )
 
+    @shared_launch_buffers(traced=True)
     def _traced(self, tokens: mx.array, last: mx.array, capacity_factor: float):
         # A ring longer than the chunk, whatever the real caches' headroom: FillView's buffers are
         # linear (slot p holds position p), which the ring's slot arithmetic reads right only then.
@@ -194,6 +196,7 @@ class CompiledDecode:
         # operations are long enough that host overhead no longer dominates (Model.compiles_decode).
         return model.compiles_decode() and all(c.left_padding is None for c in cache)
 
+    @shared_launch_buffers(traced=True)
     def _traced(self, token, position, lowest, buffers):
         views = [StepView(c, keys, values, position, lowest) for c, (keys, values) in zip(self._cache, buffers)]
         logits = self.model(token, views)[:, -1]

@@ -21,7 +21,7 @@ from .kernels import (
     MAX_DECODE_QUERIES, KernelSet, gated_qmv_norm_residual_qmv_supports, gated_qmv_supports, qmv_norm_residual_supports,
     qmv_ref, qmv_rope_norm_supports, select_kernels,
 )
-from .kernels._source import POOLED_MAX_BYTES, parameter_array
+from .kernels._source import POOLED_MAX_BYTES, parameter_array, shared_launch_buffers
 from .kernels.norm_residual import NextWeights
 from .rope import LayerRoPE
 
@@ -650,6 +650,7 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return mx.tanh(logits / cap) * cap if cap else logits
 
+    @shared_launch_buffers()
     def _run_layers(self, inputs: mx.array, cache: list, stop_at_shared: bool, hand_over: bool = False,
                     last: mx.array | int | None = None, expert_rows: ExpertRows | None = None) -> mx.array:
         """The decoder's output through the final norm; `stop_at_shared` ends before the first

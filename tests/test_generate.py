@@ -126,6 +126,37 @@ def test_compiled_decode_step_equals_the_plain_step(checkpoints, headroom):
     assert mx.abs(model(follow, compiled) - model(follow, plain)).max().item() <= 1e-4
 
 
+def test_each_forward_pass_shares_launch_buffers_of_its_own(checkpoints, monkeypatch):
+    """The kernels' launches in one forward pass share their arrival counters and scratch
+    (kernels._source.shared_launch_buffers); two passes never do, as two passes evaluated together
+    run their launches at once on CUDA. A compiled step's trace makes them constants of its graph."""
+    from mlx_gemma4.generate import CompiledDecode
+    from mlx_gemma4.kernels import _source
+
+    model = checkpoints.model("ple_shared")
+    seen = []
+    layer_type = type(model.layers[0])
+    run_layer = layer_type.__call__
+
+    def recording(layer, *args, **kwargs):
+        seen.append(_source._shared)
+        return run_layer(layer, *args, **kwargs)
+
+    monkeypatch.setattr(layer_type, "__call__", recording)
+    cache = model.make_cache()
+    passes = []
+    for run in (lambda: model(mx.array([[5, 6, 7, 8]]), cache),
+                lambda: model(mx.array([[9]]), cache),
+                lambda: CompiledDecode(model)(mx.array([[10]]), cache)):
+        seen.clear()
+        run()
+        assert len(seen) >= len(model.layers) and all(shared is seen[0] for shared in seen)
+        passes.append(seen[0])
+    assert len({id(shared) for shared in passes}) == 3 and None not in passes
+    assert [shared.traced for shared in passes] == [False, False, True]
+    assert _source._shared is None
+
+
 @pytest.mark.parametrize("length", [9, 12])  # last chunks of 1 and 4 tokens
 def test_prompt_last_token_runs_in_the_last_chunk_not_a_decode_step(checkpoints, length):
     """The last prompt token rides in the last chunk (the weights read once for it): no decode
@@ -184,7 +215,7 @@ def test_compiled_prompt_takes_only_short_prompts_into_empty_caches_of_unpadded_
     model = checkpoints.model("ple_shared")
     prompt = mx.array(checkpoints.prompt("ple_shared", 9, seed=33))
     cache = model.make_cache()
-    assert CompiledPrompt.applies_to(model, prompt, cache) is not mx.default_device() == mx.cpu
+    assert CompiledPrompt.applies_to(model, prompt, cache) is (mx.default_device() != mx.cpu)
     monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
     assert CompiledPrompt.applies_to(model, prompt, cache)
     longest = mx.zeros((1, CompiledPrompt.MAX_TOKENS), mx.int32)

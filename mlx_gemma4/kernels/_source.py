@@ -8,6 +8,7 @@ line; text before the first marker is commentary. On Metal a body compiles throu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -17,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 _MARKER = re.compile(r"^// @kernel (\w+)\s*$", re.MULTILINE)
 
@@ -171,12 +173,58 @@ def parameter_array(values, dtype) -> mx.array:
     return mx.array(values + [0] * max(0, room - len(values)), dtype=dtype)
 
 
-@functools.cache
+class _SharedBuffers:
+    """The arrival counters and scratch arrays that one forward pass's launches share, by size."""
+
+    def __init__(self, traced: bool):
+        self.traced = traced
+        self.arrays: dict[tuple[int, str], mx.array] = {}
+
+
+_shared: _SharedBuffers | None = None
+
+
+@contextlib.contextmanager
+def shared_launch_buffers(traced: bool = False):
+    """Inside it, launches share their arrival counters and scratch, as the launches of one
+    forward pass never overlap: each waits on the one before through the residual stream.
+    Outside it each launch takes its own. Two passes evaluated together run their launches at
+    once on CUDA, where a shared counter would count both and stay wrong for the process.
+    `traced`: the pass is being traced by mx.compile; its arrays are then made from host data,
+    constants that every replay of the graph reuses at no cost. A nested call joins the open one."""
+    global _shared
+    if _shared is not None:
+        yield
+        return
+    _shared = _SharedBuffers(traced)
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _launch_buffer(kind: str, size: int, make) -> mx.array:
+    if _shared is None:
+        return make()
+    key = (size, kind)
+    if key not in _shared.arrays:
+        _shared.arrays[key] = make()
+    return _shared.arrays[key]
+
+
 def arrival_counters(count: int) -> mx.array:
-    """`count` counters for arrive_last, 0 between launches (the last threadgroup resets its own).
-    Calls share them: no two overlap, as each waits on the one before through the residual
-    stream. Made from host data, so a first call inside a traced graph captures it as a constant."""
-    return parameter_array([0] * count, mx.uint32)
+    """`count` counters for arrive_last, 0 at each launch: the last threadgroup resets its own,
+    for the next launch that shares them (shared_launch_buffers). From host data, so a trace
+    captures them as a constant."""
+    return _launch_buffer("counters", count, lambda: parameter_array([0] * count, mx.uint32))
+
+
+def scratch(size: int) -> mx.array:
+    """`size` float32 values that a launch writes and reads back through a cast (MLX sees an
+    input: an output would cost the host an allocation a call), shared as arrival_counters are."""
+    if _shared is not None and _shared.traced:
+        return _launch_buffer("scratch", size, lambda: mx.array(np.zeros(size, np.float32)))
+    return _launch_buffer("scratch", size, lambda: mx.zeros((size,), mx.float32))
 
 
 @functools.lru_cache(maxsize=64)

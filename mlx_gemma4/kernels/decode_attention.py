@@ -8,9 +8,8 @@ from __future__ import annotations
 import functools
 
 import mlx.core as mx
-import numpy as np
 
-from ._source import arrival_counters, build, last_threadgroup_merges, round_up
+from ._source import arrival_counters, build, last_threadgroup_merges, round_up, scratch
 
 MAX_DECODE_QUERIES = 8  # decode (1) and speculative verify; longer query blocks take prefill SDPA
 SIMDGROUPS = 4  # simdgroups per partial threadgroup, each walking every 4th key of the chunk
@@ -42,13 +41,11 @@ def _no_mask() -> mx.array:
     return mx.ones((1, 1, 1, 1), dtype=mx.bool_)
 
 
-@functools.cache
 def _split_scratch(rows: int, head_dim: int) -> tuple[mx.array, mx.array]:
     """FUSED_COMBINE's per-split (acc [rows, splits, D], (max, sum) [rows, splits, 2]) float32
-    scratch, sized for the most splits `rows` takes and shared by calls as arrival_counters are.
-    From host data, as they are."""
+    scratch, sized for the most splits `rows` takes."""
     room = rows * _most_splits(rows)
-    return mx.array(np.zeros(room * head_dim, np.float32)), mx.array(np.zeros(room * 2, np.float32))
+    return scratch(room * head_dim), scratch(room * 2)
 
 
 def _most_splits(rows: int) -> int:

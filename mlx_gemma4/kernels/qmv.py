@@ -7,13 +7,10 @@ its rope_norm, on CUDA in the same launch."""
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
-import numpy as np
 
 from ..rope import LayerRoPE
-from ._source import arrival_counters, build, last_threadgroup_merges, scalars
+from ._source import arrival_counters, build, last_threadgroup_merges, scalars, scratch
 from .decode_attention import MAX_DECODE_QUERIES
 from .gelu_gate import column_input, gelu_gate_ref
 from .norm_residual import NextWeights, next_norm_operands, norm_residual, norm_residual_ref
@@ -165,12 +162,6 @@ def gated_qmv_norm_residual_ref(
     return qmv_norm_residual_ref(x, w, scales, biases, group_size, bits, weight, residual, scale, eps, next_weight)
 
 
-@functools.cache
-def _product_scratch(size: int) -> mx.array:
-    """NORM_RESIDUAL's float32 rows of the product, shared by calls as arrival_counters are."""
-    return mx.array(np.zeros(size, np.float32))
-
-
 def _norm_residual_launch(
     leading: dict[str, mx.array], gated: bool, x: mx.array, w: mx.array, scales: mx.array | None,
     biases: mx.array | None, group_size: int, kernel_bits: int, weight: mx.array, residual: mx.array,
@@ -190,7 +181,7 @@ def _norm_residual_launch(
     )
     scales, biases = _scale_inputs(scales, biases)
     inputs = [*leading.values(), w, scales, biases, residual, weight, weight if scale is None else scale,
-              *next_weights, scalars(eps), arrival_counters(3 if then else 1), _product_scratch(residual.size)]
+              *next_weights, scalars(eps), arrival_counters(3 if then else 1), scratch(residual.size)]
     # Every simdgroup, even where rows are short: the last threadgroup's norms take them all.
     wide_dense = kernel_bits == DENSE_BITS and w.shape[-1] >= DENSE_NORM_SIMDS * 32 * (128 // DENSE_BITS)
     simds = DENSE_NORM_SIMDS if wide_dense else SIMDS
@@ -281,7 +272,7 @@ def qmv_rope_norm(
     kernel_bits = DENSE_BITS if scales is None else bits
     inputs = [x, w, *_scale_inputs(scales, biases), q_weight, q_weight if k_weight is None else k_weight,
               rope_positions(offset, B), rope.inv_freq, scalars(eps), arrival_counters(heads_in),
-              _product_scratch(B * L * w.shape[0]), *(into if in_cache else ())]
+              scratch(B * L * w.shape[0]), *(into if in_cache else ())]
     # Enough simdgroups for a row's 16-byte loads in one pass (E2B's K of 1536: 6 dense, 2 at 4 bits).
     simds = min(DENSE_NORM_SIMDS, -(-K // (32 * (128 // kernel_bits))))
     template = (("D", D), ("NQ", query_heads), ("NKV", num_kv_heads), ("V_FROM_K", k_eq_v))

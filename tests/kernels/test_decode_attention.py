@@ -4,9 +4,11 @@ GQA, head_dim 256 and 512 (and the tiny checkpoints' 32), Lq 1 (decode) and 4 (v
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import pytest
-from tolerances import DTYPES, assert_close, random, requires_gpu
+from tolerances import DTYPES, assert_close, random, requires_gpu, run_and_replayed
 
 from mlx_gemma4.cache import KVCache, SlidingKVCache
 from mlx_gemma4.kernels import decode_attention, decode_attention_ref
@@ -75,8 +77,8 @@ def test_long_context_many_splits(dtype):
 @pytest.mark.parametrize("kind", ["sliding", "full"])
 def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
     """Both ways to merge the splits: the partial pass's last split per row (FUSED_COMBINE, the
-    CUDA default) and the combine pass (Metal's). The rows' arrival counters are 0 after each call."""
-    from mlx_gemma4.kernels._source import arrival_counters, last_threadgroup_merges
+    CUDA default) and the combine pass (Metal's); fused, also replayed from a trace, twice."""
+    from mlx_gemma4.kernels._source import last_threadgroup_merges
     from mlx_gemma4.kernels.decode_attention import merged_splits_attention
 
     if fused and not last_threadgroup_merges():
@@ -84,10 +86,10 @@ def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
     batch, heads = 2, 8
     for offset, mask, keys, values in cache_steps(kind, batch, 2, 256, dtype, 1):
         q = random((batch, heads, 1, 256), dtype, 3.0**0.5 * 256**-0.25, seed=offset)
-        for _ in range(2):  # the second call starts from the counters the first left
-            out = merged_splits_attention(q, keys, values, mask, fused)
-            assert_close(out, oracle(q, keys, values, mask), dtype, f"decode_attention[fused={fused} {kind} @{offset}]")
-        assert not arrival_counters(batch * heads).any().item()
+        expected = oracle(q, keys, values, mask)
+        call = partial(merged_splits_attention, q, keys, values, mask, fused)
+        for out in run_and_replayed(call) if fused else [call()]:
+            assert_close(out, expected, dtype, f"decode_attention[fused={fused} {kind} @{offset}]")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -11,7 +11,7 @@ from functools import partial
 import mlx.core as mx
 import pytest
 from test_rope_norm import LAYOUTS, QUERY_HEADS, ROPES
-from tolerances import DTYPES, assert_close, random, requires_gpu
+from tolerances import DTYPES, assert_close, random, requires_gpu, run_and_replayed
 
 from mlx_gemma4.kernels import (
     MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_qmv,
@@ -19,7 +19,6 @@ from mlx_gemma4.kernels import (
     norm_residual_ref, qmv, qmv_norm_residual, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm,
     qmv_rope_norm_supports, rope_norm,
 )
-from mlx_gemma4.kernels._source import arrival_counters
 from mlx_gemma4.rope import LayerRoPE
 
 pytestmark = requires_gpu
@@ -120,18 +119,16 @@ def sub_block_end(dtype, rows: int, N: int, ends: str) -> tuple:
     return weight, residual, scale, next_weights[0] if next_norms == 1 else next_weights or None
 
 
-def assert_ends_sub_block(fused, product: mx.array, end: tuple, dtype, label: str) -> None:
-    """fused(*end) = norm_residual_ref(product, *end), twice: its counter is 0 after each call,
-    so the second call sees what the first did."""
+def assert_ends_sub_block(fused, product: mx.array, end: tuple, dtype, label: str, replayed: bool = False) -> None:
+    """fused(*end) = norm_residual_ref(product, *end); with `replayed`, also from a trace, twice."""
     expected = norm_residual_ref(product, *end[:3], 1e-6, end[3])
     expected = expected if isinstance(expected, tuple) else (expected,)
-    for _ in range(2):
-        out = fused(*end[:3], 1e-6, end[3])
+    call = partial(fused, *end[:3], 1e-6, end[3])
+    for out in run_and_replayed(call) if replayed else [call()]:
         out = out if isinstance(out, tuple) else (out,)
         assert len(out) == len(expected)
         for name, got, want in zip(("out", "normed", "normed_2", "normed_3"), out, expected):
             assert_close(got, want, dtype, f"{label} {name}")
-        assert not arrival_counters(1).any().item()
 
 
 @pytest.mark.parametrize("dtype,bits,rows,shape,ends", norm_residual_cases(GATED_SHAPES))
@@ -182,7 +179,7 @@ ROPE_NORM_CASES = [
 @pytest.mark.parametrize("dtype,bits,layout,head_dim,rows", ROPE_NORM_CASES, ids=str)
 def test_rope_norm_matches_the_product_through_rope_norm(dtype, bits, layout, head_dim, rows):
     """qmv_rope_norm = rope_norm of x @ w.T: the queries, and a decode step's K and V in its cache
-    slot with every other slot as it was; twice, as its counters are 0 after each call."""
+    slot with every other slot as it was; at one row also replayed from a trace, twice."""
     K = 1536 if head_dim == 256 else 2560
     num_kv_heads, k_eq_v = LAYOUTS[layout]
     N = (QUERY_HEADS + num_kv_heads * (1 if k_eq_v else 2)) * head_dim
@@ -201,14 +198,13 @@ def test_rope_norm_matches_the_product_through_rope_norm(dtype, bits, layout, he
     expected = rope_norm(product, *args, (*copies, slot) if num_kv_heads else None)
     mx.eval(expected)
     label = f"qmv_rope_norm[{dtype} {bits}-bit D{head_dim} M{rows} {layout}]"
-    for _ in range(2):
-        heads = qmv_rope_norm(x, *operands, *args, into)
+    call = partial(qmv_rope_norm, x, *operands, *args, into)
+    for heads in run_and_replayed(call) if rows == 1 else [call()]:
         mx.eval(heads)
         for part, got, want in zip("qkv", heads, expected):
             assert (got is None) == (want is None) == (part != "q" and not num_kv_heads)
             if got is not None:
                 assert_close(got, want, dtype, f"{label}:{part}")
-        assert not arrival_counters(N // head_dim).any().item()
     for buffer, before in zip(buffers if num_kv_heads else (), pristine):
         for others in (slice(0, 29), slice(30, 40)):
             assert mx.array_equal(buffer[:, :, others], before[:, :, others]).item()
@@ -225,8 +221,8 @@ THEN_CASES = [
 
 @pytest.mark.parametrize("dtype,bits,then_bits,rows,shape", THEN_CASES, ids=str)
 def test_norm_residual_then_matches_the_block_end_then_its_projection(dtype, bits, then_bits, rows, shape):
-    """gated_qmv_norm_residual_qmv = (gated_qmv_norm_residual's out, out @ then.T); twice, as its
-    counters and flag are 0 after each call."""
+    """gated_qmv_norm_residual_qmv = (gated_qmv_norm_residual's out, out @ then.T); run plain and
+    replayed from a trace, twice: its counters and flag are 0 again after each launch."""
     K, N = shape
     operands = gated_operands(dtype, bits, rows, (K, N, None, None))
     then_weight = random((256, N), dtype, scale=0.05, seed=N)
@@ -244,8 +240,6 @@ def test_norm_residual_then_matches_the_block_end_then_its_projection(dtype, bit
         expected_then = qmv_ref(expected_out.astype(f32), then[0], then[1].astype(f32), then[2].astype(f32), 64,
                                 then_bits)
     label = f"gated_qmv_norm_residual_qmv[{dtype} {bits}-bit then {then_bits}-bit N{N} M{rows}]"
-    for _ in range(2):
-        out, then_out = gated_qmv_norm_residual_qmv(*operands, *end, 1e-6, then)
+    for out, then_out in run_and_replayed(partial(gated_qmv_norm_residual_qmv, *operands, *end, 1e-6, then)):
         assert_close(out, expected_out, dtype, f"{label} out")
         assert_close(then_out, expected_then.astype(dtype), dtype, f"{label} then_out", extra_atol=N * 2e-8)
-        assert not arrival_counters(3).any().item()

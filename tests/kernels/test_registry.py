@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import inspect
 import re
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -160,23 +161,42 @@ def test_rope_norm_writes_a_decode_step_into_the_cache_buffers(cuda_builds, monk
     assert keys is buffers[0] and values is buffers[1] and queries.shape == (1, 8, 1, 16)
 
 
+def launched_twice_in_and_out_of_one_pass(call) -> None:
+    """call() twice inside one shared_launch_buffers scope, then twice outside it."""
+    from mlx_gemma4.kernels._source import shared_launch_buffers
+
+    with shared_launch_buffers():
+        call()
+        call()
+    call()
+    call()
+
+
+def assert_shared_in_one_pass_only(launched: list, count: int) -> None:
+    """The last `count` inputs: the same arrays for two launches of one pass, new arrays for each
+    launch outside one, every counter 0."""
+    first, second, third, fourth = (inputs[-count:] for inputs in launched)
+    assert all(a is b for a, b in zip(first, second))
+    assert not any(a is b for a, b in zip(second + third, third + fourth))
+    assert not any(counters.any().item() for counters in (first[0], third[0], fourth[0]))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_attention_keeps_its_split_scratch_in_inputs(cuda_builds, fused):
     """FUSED_COMBINE writes out alone; the splits go to scratch inputs sized for the most splits
-    its rows take, the same arrays every call."""
+    its rows take, shared with the arrival counters by the launches of one forward pass."""
     from mlx_gemma4.kernels.decode_attention import _most_splits, merged_splits_attention
 
     q, kv = mx.zeros((1, 8, 1, 16)), mx.zeros((1, 2, 40, 16))
-    for _ in range(2):
-        merged_splits_attention(q, kv, kv, None, fused)
+    launched_twice_in_and_out_of_one_pass(lambda: merged_splits_attention(q, kv, kv, None, fused))
     partial = cuda_builds[0]
     splits = ["part_acc", "part_ml"]
     assert partial["output_names"] == (["out"] if fused else splits)
     assert partial["input_names"] == ["q", "k", "v", "mask"] + (["arrivals", *splits] if fused else [])
     if fused:
-        first, second = partial["launched"]
-        assert [a.shape for a in first[-2:]] == [(8 * _most_splits(8) * 16,), (8 * _most_splits(8) * 2,)]
-        assert all(a is b for a, b in zip(first[-3:], second[-3:]))
+        room = 8 * _most_splits(8)
+        assert [a.shape for a in partial["launched"][0][-2:]] == [(room * 16,), (room * 2,)]
+        assert_shared_in_one_pass_only(partial["launched"], 3)
     else:
         assert cuda_builds[1]["input_names"] == splits and cuda_builds[1]["output_names"] == ["out"]
 
@@ -217,19 +237,20 @@ def test_cuda_builds_keep_their_texts_inline_where_the_cache_cannot_be_written(c
 @pytest.mark.parametrize("next_norms", [0, 1, 3])
 def test_norm_residual_builds_leave_the_product_in_scratch_inputs(cuda_builds, gated, next_norms):
     """NORM_RESIDUAL declares the block's outputs alone (out, and a normed output per next norm):
-    the product's rows go to a float32 scratch input sized for them, and the launches share it
-    and the arrival counter, the same arrays every call."""
+    the product's rows go to a float32 scratch input sized for them, shared with the arrival
+    counter by the launches of one forward pass."""
     from mlx_gemma4.kernels import gated_qmv_norm_residual, qmv_norm_residual
 
     x, w, vector = mx.zeros((1, 2, 2 * 64)), mx.zeros((48, 64), mx.bfloat16), mx.ones((48,))
     residual = mx.zeros((1, 2, 48))
     next_weight = {0: None, 1: vector}.get(next_norms, (vector,) * next_norms)
-    for _ in range(2):
-        if gated:
-            out = gated_qmv_norm_residual(x, None, 0, w, None, None, 0, 0, vector, residual, None, 1e-6,
-                                          next_weight)
-        else:
-            out = qmv_norm_residual(x[..., :64], w, None, None, 0, 0, vector, residual, None, 1e-6, next_weight)
+    if gated:
+        call = partial(gated_qmv_norm_residual, x, None, 0, w, None, None, 0, 0, vector, residual, None, 1e-6,
+                       next_weight)
+    else:
+        call = partial(qmv_norm_residual, x[..., :64], w, None, None, 0, 0, vector, residual, None, 1e-6, next_weight)
+    launched_twice_in_and_out_of_one_pass(call)
+    out = call()
     (spec,) = cuda_builds
     assert spec["output_names"] == ["out", "normed", "normed_2", "normed_3"][: 1 + next_norms]
     leading = ["x", "up", "up_column"] if gated else ["x"]
@@ -237,7 +258,7 @@ def test_norm_residual_builds_leave_the_product_in_scratch_inputs(cuda_builds, g
                                    *["next_w", "next_w_2", "next_w_3"][:next_norms], "params", "arrivals", "projected"]
     defines = f"#define GATED {int(gated)}\n#define NORM_RESIDUAL 1\n#define NEXT_NORMS {next_norms}\n"
     assert spec["source"].startswith(defines)
-    first, second = spec["launched"]
+    first = spec["launched"][0]
     assert first[-1].shape == (2 * 48,) and first[-1].dtype == mx.float32
-    assert first[-1] is second[-1] and first[-2] is second[-2]
+    assert_shared_in_one_pass_only(spec["launched"][:4], 2)
     assert (len(out) == 1 + next_norms) if next_norms else out.shape == (1, 2, 48)
