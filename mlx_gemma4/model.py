@@ -340,10 +340,16 @@ def _row_indices(shape: tuple[int, ...], rows_per_index: int) -> mx.array:
     return mx.array((np.arange(math.prod(shape), dtype=np.uint32) // rows_per_index).reshape(shape))
 
 
-def gather_product(linear: nn.Module, x: mx.array, indices: mx.array, rows: mx.array | None = None,
+def gather_product(linear: nn.Module, x: mx.array, indices: mx.array | None, rows: mx.array | None = None,
                    sorted_indices: bool = False) -> mx.array:
     """x [..., M, in] times the experts' weights of a SwitchLinear or QuantizedSwitchLinear
-    (bias-free, as the converter writes them): rows[i] of x's batch with expert indices[i]."""
+    (bias-free, as the converter writes them): rows[i] of x's batch with expert indices[i];
+    `indices` None: x [experts, M, in], a block of rows per expert in order."""
+    if indices is None:
+        if not isinstance(linear, QuantizedSwitchLinear):
+            # A batched matmul: MLX's CUDA gather_mm failed on such blocks from 200 rows (float32, H100).
+            return x @ linear["weight"].swapaxes(-1, -2)
+        indices = mx.arange(x.shape[0], dtype=mx.uint32)
     if isinstance(linear, QuantizedSwitchLinear):
         return mx.gather_qmm(
             x, linear["weight"], linear["scales"], linear.get("biases"), lhs_indices=rows, rhs_indices=indices,
@@ -376,10 +382,11 @@ class Experts(nn.Module):
     def fuse_projections(self):
         fuse_linears(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
-    def products(self, x: mx.array, indices: mx.array, rows: tuple[mx.array, mx.array] | None = None,
+    def products(self, x: mx.array, indices: mx.array | None, rows: tuple[mx.array, mx.array] | None = None,
                  sorted_indices: bool = False) -> mx.array:
         """down(gelu(gate(x)) * up(x)) of expert indices[i] on x's batch row rows[0][i] (default:
-        row i); rows[1] indexes the hidden rows for the down projection."""
+        row i); rows[1] indexes the hidden rows for the down projection. `indices` None: x's
+        batch row i takes expert i (gather_product)."""
         up_rows, down_rows = rows or (None, None)
         if "gate_up_proj" in self:
             gate_up = gather_product(self.gate_up_proj, x, indices, up_rows, sorted_indices)
@@ -439,7 +446,7 @@ def grouped_experts(experts: Experts, x: mx.array, indices: mx.array, rows: Expe
     grouped = mx.zeros((bins * capacity, D), dtype=x.dtype)
     grouped[slots] = x.reshape(-1, D)[order // k]
     grouped = grouped[: num_experts * capacity].reshape(num_experts, capacity, D)
-    out = experts.products(grouped, mx.arange(num_experts, dtype=mx.uint32)).reshape(-1, D)
+    out = experts.products(grouped, None).reshape(-1, D)
     out = out[mx.minimum(slots, num_experts * capacity - 1)]
     return out[mx.argsort(order)].reshape(*indices.shape, 1, D)
 
