@@ -333,7 +333,9 @@ def test_compiled_prompt_and_step_keep_no_cache_after_they_return(checkpoints, m
 
 def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     """The step's graph holds the only reference to each cache buffer, so the new K/V slot is
-    written in place: a step over a 64 MB buffer allocates nothing near its size."""
+    written in place: a step over two 64 MB buffers allocates less than one of them. Attention's
+    scores over the buffer's slots are the step's largest transient (10.5 MB on the CPU, 28.2 on
+    the H100, where MLX's attention runs unfused at head_dim 32); a copy would be 64 MB."""
     from mlx_gemma4.cache import KVCache
     from mlx_gemma4.generate import CompiledDecode, prefill
 
@@ -341,7 +343,8 @@ def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     cache = model.make_cache()
     prefill(model, mx.array(checkpoints.prompt("ple_shared", 9, seed=3)), cache, 4)
     full = next(c for c in cache if isinstance(c, KVCache))
-    slots = (64 << 20) // (full.keys.shape[1] * full.keys.shape[3] * 4)
+    buffer_bytes = 64 << 20
+    slots = buffer_bytes // (full.keys.shape[1] * full.keys.shape[3] * 4)
     full.keys, full.values = (mx.concatenate([b, mx.zeros((1, b.shape[1], slots, b.shape[3]))], axis=2)
                               for b in (full.keys, full.values))
     mx.eval(full.keys, full.values)
@@ -351,7 +354,7 @@ def test_compiled_decode_step_writes_the_caches_in_place(checkpoints):
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     mx.eval(step(mx.array([[6]]), cache))
-    assert mx.get_peak_memory() - before < (16 << 20)
+    assert mx.get_peak_memory() - before < buffer_bytes
 
 
 def test_use_kernels_reaches_every_layer_and_the_compiled_step(checkpoints):

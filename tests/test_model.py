@@ -166,12 +166,18 @@ def test_loaded_model_fuses_projections_and_computes_the_same(checkpoints, name,
         assert attn.projections == (("qkv_proj",) if attn.owns_cache else ("q_proj",))
         assert "q_proj" in apart.self_attn and "gate_proj" in apart.mlp
     ids = mx.array(checkpoints.prompt(name, PROMPT, seed=4))
-    assert mx.abs(model(ids) - separate(ids)).max().item() <= 1e-5
+    assert_same_logits(model(ids), separate(ids))
     cache, cache_apart = model.make_cache(), separate.make_cache()
     prefill(model, ids, cache, 5)
     prefill(separate, ids, cache_apart, 5)
     step = mx.array([[7]])
-    assert mx.abs(model(step, cache) - separate(step, cache_apart)).max().item() <= 1e-5
+    assert_same_logits(model(step, cache), separate(step, cache_apart))
+
+
+def assert_same_logits(fused: mx.array, apart: mx.array):
+    """Equal up to float32 rounding of the logits' scale: a GPU's BLAS sums a fused product's
+    columns in another order than the separate ones' (3.3e-5 at logits up to 4.6 on the H100)."""
+    assert mx.abs(fused - apart).max().item() <= 2e-5 * max(1.0, mx.abs(apart).max().item())
 
 
 def test_projections_of_different_quantization_stay_apart():
@@ -291,6 +297,16 @@ def test_grouped_experts_with_a_set_capacity_read_nothing_on_the_host(room):
         assert mx.abs(out[:, :30].squeeze(-2) - reference(x, indices)[:, :30]).max().item() <= 1e-5
 
 
+def twin_tokens(model, prompt: list[int]) -> list[int]:
+    """Four greedy tokens of the twins alone: what a routed twin must give exactly. The default
+    set's GPU kernels round otherwise, which flips a bfloat16 near-tie of these tiny checkpoints."""
+    from mlx_gemma4 import generate_tokens
+    from mlx_gemma4.kernels import TWINS
+
+    model.use_kernels(TWINS)
+    return list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+
+
 def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpoints):
     """Every quantized projection and the tied 4-bit LM head go through `ops.quantized_matmul`
     (where a kernel set can put qmv), and the tokens stay those of MLX's own QuantizedLinear."""
@@ -307,7 +323,7 @@ def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpo
     assert quantized and all(type(m) is QuantizedLinear for m in quantized)
     assert isinstance(model.embed_tokens, nn.QuantizedEmbedding) and "lm_head" not in model
     prompt = checkpoints.prompt("ple_shared", 9, seed=3)[0].tolist()
-    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    expected = twin_tokens(model, prompt)
     shapes = []
 
     def counted(x, w, *rest):
@@ -337,7 +353,7 @@ def test_decode_gated_projections_take_the_kernel_sets_gated_qmv(checkpoints, qu
 
     model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
-    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    expected = twin_tokens(model, prompt)
     calls = []
 
     def counted(gate, up, up_offset, w, scales, *rest):
@@ -370,7 +386,7 @@ def test_decode_sub_blocks_end_in_the_kernel_sets_gated_qmv_norm_residual(checkp
 
     model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
-    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    expected = twin_tokens(model, prompt)
     calls = []
 
     def counted(gate, up, up_offset, *operands_and_norm):
@@ -403,7 +419,7 @@ def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkp
 
     model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
     prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
-    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    expected = twin_tokens(model, prompt)
     calls = []
 
     def counted(x, w, scales, *rest):
@@ -436,7 +452,7 @@ def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_r
 
     model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
-    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    expected = twin_tokens(model, prompt)
     calls = []
 
     def counted(gate, up, up_offset, w, scales, *rest):
@@ -465,7 +481,7 @@ def test_decode_heads_come_from_the_kernel_sets_qmv_rope_norm(checkpoints, name,
 
     model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
     prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
-    expected = list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
+    expected = twin_tokens(model, prompt)
     calls = []
 
     def counted(x, w, scales, *rest):
