@@ -88,7 +88,7 @@ def test_fused_combine_and_two_passes_match_the_twin(dtype, fused, kind):
         q = random((batch, heads, 1, 256), dtype, 3.0**0.5 * 256**-0.25, seed=offset)
         expected = oracle(q, keys, values, mask)
         call = partial(merged_splits_attention, q, keys, values, mask, fused)
-        for out in run_and_replayed(call) if fused else [call()]:
+        for out in run_and_replayed(call, replayed=fused):
             assert_close(out, expected, dtype, f"decode_attention[fused={fused} {kind} @{offset}]")
 
 

@@ -125,7 +125,7 @@ def assert_ends_sub_block(fused, product: mx.array, end: tuple, dtype, label: st
     expected = norm_residual_ref(product, *end[:3], 1e-6, end[3])
     expected = expected if isinstance(expected, tuple) else (expected,)
     call = partial(fused, *end[:3], 1e-6, end[3])
-    for out in run_and_replayed(call) if replayed else [call()]:
+    for out in run_and_replayed(call, replayed):
         out = out if isinstance(out, tuple) else (out,)
         assert len(out) == len(expected)
         for name, got, want in zip(("out", "normed", "normed_2", "normed_3"), out, expected):
@@ -200,7 +200,7 @@ def test_rope_norm_matches_the_product_through_rope_norm(dtype, bits, layout, he
     mx.eval(expected)
     label = f"qmv_rope_norm[{dtype} {bits}-bit D{head_dim} M{rows} {layout}]"
     call = partial(qmv_rope_norm, x, *operands, *args, into)
-    for heads in run_and_replayed(call) if rows == 1 else [call()]:
+    for heads in run_and_replayed(call, replayed=rows == 1):
         mx.eval(heads)
         for part, got, want in zip("qkv", heads, expected):
             assert (got is None) == (want is None) == (part != "q" and not num_kv_heads)
