@@ -22,7 +22,7 @@ import numpy as np
 RUNTIMES = ("mlx_gemma4", "mlx-lm")
 
 
-def child(runtime: str, path: Path, prompt_length: int, gen_tokens: int, vocab_size: int):
+def child(runtime: str, path: Path, prompt: list[int], gen_tokens: int):
     """One process's timings, as one JSON line on stdout."""
     start = time.perf_counter()
     import mlx.core as mx
@@ -34,8 +34,7 @@ def child(runtime: str, path: Path, prompt_length: int, gen_tokens: int, vocab_s
         model = mlx_gemma4.load_model(path)
         mx.eval(model.parameters())
         loaded = time.perf_counter()
-        tokens = mlx_gemma4.generate_tokens(model, prompt_ids(prompt_length, vocab_size), max_tokens=gen_tokens,
-                                            stop_ids=[])
+        tokens = mlx_gemma4.generate_tokens(model, prompt, max_tokens=gen_tokens, stop_ids=[])
     else:
         from mlx_lm.generate import generate_step
         from mlx_lm.utils import load_model
@@ -45,7 +44,7 @@ def child(runtime: str, path: Path, prompt_length: int, gen_tokens: int, vocab_s
         mx.eval(model.parameters())
         loaded = time.perf_counter()
         # generate_step never stops on EOS; its default sampler is the argmax.
-        steps = generate_step(mx.array(prompt_ids(prompt_length, vocab_size)), model, max_tokens=gen_tokens)
+        steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens)
         tokens = (int(token) for token, _ in steps)
     first = None
     for _ in tokens:
@@ -55,13 +54,9 @@ def child(runtime: str, path: Path, prompt_length: int, gen_tokens: int, vocab_s
                       "rest_s": done - first}))
 
 
-def prompt_ids(length: int, vocab_size: int) -> list[int]:
-    return np.random.RandomState(0).randint(10, vocab_size, size=length).tolist()
-
-
-def run_child(runtime: str, path: Path, args) -> dict:
-    command = [sys.executable, __file__, "--child", runtime, "--path", str(path), "--prompt-length",
-               str(args.prompt_length), "--gen-tokens", str(args.gen_tokens), "--vocab-size", str(args.vocab_size)]
+def run_child(runtime: str, path: Path, prompt: list[int], gen_tokens: int) -> dict:
+    command = [sys.executable, __file__, "--child", runtime, "--path", str(path), "--prompt-ids",
+               ",".join(map(str, prompt)), "--gen-tokens", str(gen_tokens)]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         sys.stderr.write(finished.stderr)
@@ -90,7 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx_gemma4_bench"))
     parser.add_argument("--child", choices=RUNTIMES, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -99,18 +94,20 @@ def main(argv=None):
     if args.gen_tokens < 1 or args.processes < 1:
         raise SystemExit("--gen-tokens and --processes must be at least 1")
     if args.child:
-        child(args.child, args.path, args.prompt_length, args.gen_tokens, args.vocab_size)
+        child(args.child, args.path, [int(i) for i in args.prompt_ids.split(",")], args.gen_tokens)
         return
     from compare_mlx_lm import (  # bench/ is on sys.path when run as a script
-        MODELS, model_workdir, prepare_hf_checkpoint, prepare_mlx_gemma4_checkpoint, prepare_mlx_lm_checkpoint,
+        MIN_TOKEN_ID, MODELS, model_workdir, prepare_hf_checkpoint, prepare_mlx_gemma4_checkpoint,
+        prepare_mlx_lm_checkpoint,
     )
 
-    args.vocab_size = MODELS[args.model]["vocab_size"]
+    prompt = np.random.default_rng(args.seed).integers(MIN_TOKEN_ID, MODELS[args.model]["vocab_size"],
+                                                        args.prompt_length).tolist()
     root = model_workdir(args.workdir, args.model, args.seed)
     hf_dir = prepare_hf_checkpoint(root, args.model, args.seed)
     paths = {"mlx_gemma4": prepare_mlx_gemma4_checkpoint(hf_dir, root, args.quant, reconvert=False),
              "mlx-lm": prepare_mlx_lm_checkpoint(hf_dir, root, args.quant, reconvert=False)}
-    rows = [(number, runtime, run_child(runtime, paths[runtime], args))
+    rows = [(number, runtime, run_child(runtime, paths[runtime], prompt, args.gen_tokens))
             for number in range(1, args.processes + 1) for runtime in RUNTIMES]
     print(f"{args.model} {args.quant}, prompt {args.prompt_length}, {args.gen_tokens} greedy tokens; "
           "each row a new process, in the order run")
