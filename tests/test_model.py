@@ -297,13 +297,13 @@ def test_grouped_experts_with_a_set_capacity_read_nothing_on_the_host(room):
         assert mx.abs(out[:, :30].squeeze(-2) - reference(x, indices)[:, :30]).max().item() <= 1e-5
 
 
-def twin_tokens(model, prompt: list[int]) -> list[int]:
-    """Four greedy tokens of the twins alone: what a routed twin must give exactly. The default
-    set's GPU kernels round otherwise, which flips a bfloat16 near-tie of these tiny checkpoints."""
+def greedy_tokens(model, prompt: list[int], ops) -> list[int]:
+    """Four greedy tokens with the kernel set `ops`. A routed twin must give the twins' tokens
+    exactly; the default set's GPU kernels round otherwise, which flips a bfloat16 near-tie of
+    these tiny checkpoints."""
     from mlx_gemma4 import generate_tokens
-    from mlx_gemma4.kernels import TWINS
 
-    model.use_kernels(TWINS)
+    model.use_kernels(ops)
     return list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[]))
 
 
@@ -314,7 +314,6 @@ def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpo
 
     import mlx.nn as nn
 
-    from mlx_gemma4 import generate_tokens
     from mlx_gemma4.kernels import TWINS, qmv_ref
     from mlx_gemma4.model import QuantizedLinear
 
@@ -323,15 +322,14 @@ def test_quantized_projections_and_tied_head_take_the_kernel_sets_matmul(checkpo
     assert quantized and all(type(m) is QuantizedLinear for m in quantized)
     assert isinstance(model.embed_tokens, nn.QuantizedEmbedding) and "lm_head" not in model
     prompt = checkpoints.prompt("ple_shared", 9, seed=3)[0].tolist()
-    expected = twin_tokens(model, prompt)
+    expected = greedy_tokens(model, prompt, TWINS)
     shapes = []
 
     def counted(x, w, *rest):
         shapes.append(w.shape[0])
         return qmv_ref(x, w, *rest)
 
-    model.use_kernels(dataclasses.replace(TWINS, quantized_matmul=counted))
-    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert greedy_tokens(model, prompt, dataclasses.replace(TWINS, quantized_matmul=counted)) == expected
     assert model.config.vocab_size in shapes  # the tied head
     assert len(shapes) >= len(quantized)
 
@@ -348,20 +346,18 @@ def test_decode_gated_projections_take_the_kernel_sets_gated_qmv(checkpoints, qu
     two ops, and the tokens stay those of the plain path."""
     import dataclasses
 
-    from mlx_gemma4 import generate_tokens
     from mlx_gemma4.kernels import TWINS, gated_qmv_ref
 
     model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
-    expected = twin_tokens(model, prompt)
+    expected = greedy_tokens(model, prompt, TWINS)
     calls = []
 
     def counted(gate, up, up_offset, w, scales, *rest):
         calls.append((gate.shape[1], w.shape[0], up_offset, up is None, scales is None))
         return gated_qmv_ref(gate, up, up_offset, w, scales, *rest)
 
-    model.use_kernels(dataclasses.replace(TWINS, gated_qmv=counted))
-    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert greedy_tokens(model, prompt, dataclasses.replace(TWINS, gated_qmv=counted)) == expected
     config = model.config
     ple = config.hidden_size_per_layer_input
     assert {rows for rows, *_ in calls} == {1}
@@ -381,12 +377,11 @@ def test_decode_sub_blocks_end_in_the_kernel_sets_gated_qmv_norm_residual(checkp
     the projection and its norm_residual in one launch; the tokens stay those of the two ops."""
     import dataclasses
 
-    from mlx_gemma4 import generate_tokens
     from mlx_gemma4.kernels import TWINS, gated_qmv_norm_residual_ref
 
     model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
-    expected = twin_tokens(model, prompt)
+    expected = greedy_tokens(model, prompt, TWINS)
     calls = []
 
     def counted(gate, up, up_offset, *operands_and_norm):
@@ -394,8 +389,7 @@ def test_decode_sub_blocks_end_in_the_kernel_sets_gated_qmv_norm_residual(checkp
         calls.append((up is None, scale is not None, next_weight is not None, residual.shape))
         return gated_qmv_norm_residual_ref(gate, up, up_offset, *operands_and_norm)
 
-    model.use_kernels(dataclasses.replace(TWINS, gated_qmv_norm_residual=counted))
-    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert greedy_tokens(model, prompt, dataclasses.replace(TWINS, gated_qmv_norm_residual=counted)) == expected
     downs = [call for call in calls if call[0]]
     assert downs and {call[1:3] for call in downs} == {(False, False)}
     assert {call[1:3] for call in calls if not call[0]} == {(True, True)}
@@ -414,12 +408,11 @@ def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkp
     layer's three); prompt chunks take o_proj and norm_residual apart. Tokens stay the two ops'."""
     import dataclasses
 
-    from mlx_gemma4 import generate_tokens
     from mlx_gemma4.kernels import TWINS, qmv_norm_residual_ref
 
     model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
     prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
-    expected = twin_tokens(model, prompt)
+    expected = greedy_tokens(model, prompt, TWINS)
     calls = []
 
     def counted(x, w, scales, *rest):
@@ -427,8 +420,7 @@ def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkp
         calls.append((x.shape, scales is None, scale is None, len(next_weight)))
         return qmv_norm_residual_ref(x, w, scales, *rest)
 
-    model.use_kernels(dataclasses.replace(TWINS, qmv_norm_residual=counted))
-    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert greedy_tokens(model, prompt, dataclasses.replace(TWINS, qmv_norm_residual=counted)) == expected
     config = model.config
     next_norms = 3 if config.enable_moe_block else 1
     assert {call[1:] for call in calls} == {(quantize_bits is None, True, next_norms)}
@@ -447,12 +439,11 @@ def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_r
     come from one `ops.gated_qmv_norm_residual_qmv` call; the tokens stay those of the two ops."""
     import dataclasses
 
-    from mlx_gemma4 import generate_tokens
     from mlx_gemma4.kernels import TWINS, gated_qmv_norm_residual_qmv_ref
 
     model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
-    expected = twin_tokens(model, prompt)
+    expected = greedy_tokens(model, prompt, TWINS)
     calls = []
 
     def counted(gate, up, up_offset, w, scales, *rest):
@@ -460,8 +451,7 @@ def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_r
         calls.append((gate.shape[:2], up is None, scales is None, scale is None, then[0].shape[0]))
         return gated_qmv_norm_residual_qmv_ref(gate, up, up_offset, w, scales, *rest)
 
-    model.use_kernels(dataclasses.replace(TWINS, gated_qmv_norm_residual_qmv=counted))
-    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert greedy_tokens(model, prompt, dataclasses.replace(TWINS, gated_qmv_norm_residual_qmv=counted)) == expected
     config = model.config
     assert set(calls) == {((1, 1), True, quantize_bits is None, True, config.hidden_size_per_layer_input)}
     # Every step runs every layer's, and the prompt's last row the KV-shared layers'.
@@ -476,12 +466,11 @@ def test_decode_heads_come_from_the_kernel_sets_qmv_rope_norm(checkpoints, name,
     queries alone; prompt chunks take the two ops. Tokens stay the two ops'."""
     import dataclasses
 
-    from mlx_gemma4 import generate_tokens
     from mlx_gemma4.kernels import TWINS, qmv_rope_norm_ref
 
     model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
     prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
-    expected = twin_tokens(model, prompt)
+    expected = greedy_tokens(model, prompt, TWINS)
     calls = []
 
     def counted(x, w, scales, *rest):
@@ -489,8 +478,7 @@ def test_decode_heads_come_from_the_kernel_sets_qmv_rope_norm(checkpoints, name,
         calls.append((x.shape, scales is None, num_kv_heads, k_eq_v, into is not None))
         return qmv_rope_norm_ref(x, w, scales, *rest)
 
-    model.use_kernels(dataclasses.replace(TWINS, qmv_rope_norm=counted))
-    assert list(generate_tokens(model, prompt, max_tokens=4, stop_ids=[])) == expected
+    assert greedy_tokens(model, prompt, dataclasses.replace(TWINS, qmv_rope_norm=counted)) == expected
     config = model.config
     owners = [layer for i, layer in enumerate(config.layers) if layer.kv_source == i]
     kinds = {(layer.num_kv_heads, layer.k_eq_v, True) for layer in owners}
