@@ -29,7 +29,7 @@ from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
     decode_attention, decode_attention_ref, gated_qmv, gated_qmv_ref, gelu_gate, gelu_gate_ref, moe_norm_residual,
     moe_norm_residual_ref, moe_router, moe_router_ref, norm_residual, norm_residual_ref, ple_inputs, ple_inputs_ref,
-    qmm, qmm_ref, qmv, qmv_ref, rope_norm, rope_norm_ref,
+    prompt_attention, prompt_attention_ref, qmm, qmm_ref, qmv, qmv_ref, rope_norm, rope_norm_ref,
 )
 from mlx_gemma4.rope import LayerRoPE  # noqa: E402
 
@@ -96,7 +96,7 @@ def bench_gelu_gate(config, phase):
 
 def bench_decode_attention(config, phase):
     if phase != "decode":
-        return  # prefill blocks (L > 8) take MLX's fused SDPA
+        return  # prefill blocks (L > 8) take prompt_attention
     for kind in ("sliding_attention", "full_attention"):
         layer = _layer(config, kind)
         D, Hkv, Hq = layer.head_dim, layer.num_kv_heads, config.num_attention_heads
@@ -109,6 +109,24 @@ def bench_decode_attention(config, phase):
         scale = D**-0.25
         make = lambda: (_rand((1, Hq, 1, D), scale), _rand((1, Hkv, S, D), scale), _rand((1, Hkv, S, D)), mask)  # noqa: E731,B023
         yield f"{kind.split('_')[0]} q[1,{Hq},1,{D}] kv[1,{Hkv},{S},{D}]", make
+
+
+def bench_prompt_attention(config, phase):
+    if phase != "prefill":
+        return  # decode takes decode_attention
+    for L in (128, PREFILL):  # time to the first token at p=128, then a whole chunk
+        for kind in ("sliding_attention", "full_attention"):
+            layer = _layer(config, kind)
+            D, Hkv, Hq = layer.head_dim, layer.num_kv_heads, config.num_attention_heads
+            # A first chunk: causal, and for a window shorter than the chunk the sliding cache's mask.
+            positions = mx.arange(L)
+            mask = "causal"
+            if kind == "sliding_attention" and L > layer.sliding_window:
+                seen = positions[None, :] > positions[:, None] - layer.sliding_window
+                mask = ((positions[None, :] <= positions[:, None]) & seen)[None, None]
+            scale = D**-0.25
+            make = lambda: (_rand((1, Hq, L, D), scale), _rand((1, Hkv, L, D), scale), _rand((1, Hkv, L, D)), mask)  # noqa: E731,B023
+            yield f"{kind.split('_')[0]} q[1,{Hq},{L},{D}] kv[1,{Hkv},{L},{D}]", make
 
 
 def bench_qmv(config, phase):
@@ -176,6 +194,7 @@ BENCHES = {
     "norm_residual": (bench_norm_residual, norm_residual, norm_residual_ref),
     "gelu_gate": (bench_gelu_gate, gelu_gate, gelu_gate_ref),
     "decode_attention": (bench_decode_attention, decode_attention, decode_attention_ref),
+    "prompt_attention": (bench_prompt_attention, prompt_attention, prompt_attention_ref),
     "qmv": (bench_qmv, qmv, qmv_ref),
     "gated_qmv": (bench_gated_qmv, gated_qmv, gated_qmv_ref),
     "qmm": (bench_qmm, qmm, qmm_ref),

@@ -220,6 +220,13 @@ inline void mma_load_b(thread mma_frag_b<T>& b, const threadgroup T* src, int st
     simdgroup_load(b.m[j], src + 8 * j, stride, ulong2(0, 0), true);
   }
 }
+// mma_load_b from a [k][n] tile (rows of K, each `stride` apart).
+template <typename T>
+inline void mma_load_b_kn(thread mma_frag_b<T>& b, const threadgroup T* src, int stride, uint lane) {
+  for (int j = 0; j < 2; j++) {
+    simdgroup_load(b.m[j], src + 8 * j * stride, stride);
+  }
+}
 template <typename T>
 inline void mma_fma(thread mma_frag_c& c, thread const mma_frag_a<T>& a, thread const mma_frag_b<T>& b) {
   for (int i = 0; i < 2; i++) {
@@ -243,6 +250,19 @@ inline void mma_store(thread const mma_frag_c& c, device T* dst, int stride, int
         dst[(8 * i + row) * stride + col + e] = static_cast<T>(values[e]);
       }
     }
+  }
+}
+// Multiplies row r of the accumulator by factor[r] (16 floats of threadgroup memory).
+inline void mma_scale_rows(thread mma_frag_c& c, const threadgroup float* factor, uint lane) {
+  const int row = (int(lane) / 4 & 4) + int(lane) / 2 % 4;
+  for (int i = 0; i < 2; i++) {
+    c.m[i].thread_elements() *= factor[8 * i + row];
+  }
+}
+// The whole accumulator into a float32 tile of threadgroup memory.
+inline void mma_store_scores(thread const mma_frag_c& c, threadgroup float* dst, int stride, uint lane) {
+  for (int i = 0; i < 2; i++) {
+    simdgroup_store(c.m[i], dst + 8 * i * stride, stride);
   }
 }
 // Two values rounded to T, packed as a 32-bit word (the first in the low half).

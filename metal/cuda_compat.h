@@ -45,6 +45,7 @@ __device__ inline float simd_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+__device__ inline float simd_shuffle_xor(float v, uint mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 
 // Whether this threadgroup is the last of `count` to arrive at `counter` (one thread calls it,
 // after a barrier over the threadgroup's device writes): the last one then reads what every
@@ -129,6 +130,12 @@ __device__ inline void mma_load_b(mma_frag_b<T>& b, const T* src, int stride, ui
   const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(row_start));
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b.v[0]), "=r"(b.v[1]) : "r"(row));
 }
+// mma_load_b from a [k][n] tile (rows of K, each `stride` apart): ldmatrix transposes as it loads.
+template <typename T>
+__device__ inline void mma_load_b_kn(mma_frag_b<T>& b, const T* src, int stride, uint lane) {
+  const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(src + (lane & 15) * stride));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(b.v[0]), "=r"(b.v[1]) : "r"(row));
+}
 #define GEMMA_MMA_M16N8K16(TYPE)                                                                   \
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                        \
                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                             \
@@ -152,6 +159,18 @@ __device__ inline void mma_store(const mma_frag_c& c, T* dst, int stride, int ro
       }
     }
   }
+}
+// Multiplies row r of the accumulator by factor[r] (16 floats of threadgroup memory).
+__device__ inline void mma_scale_rows(mma_frag_c& c, const float* factor, uint lane) {
+  for (int h = 0; h < 2; h++) {
+    const float f = factor[(lane >> 2) + 8 * h];
+    c.v[2 * h] *= f;
+    c.v[2 * h + 1] *= f;
+  }
+}
+// The whole accumulator into a float32 tile of threadgroup memory.
+__device__ inline void mma_store_scores(const mma_frag_c& c, float* dst, int stride, uint lane) {
+  mma_store(c, dst, stride, 16, 8, lane);
 }
 // Two values rounded to T, packed as a 32-bit word (the first in the low half).
 template <typename T>

@@ -250,8 +250,7 @@ class Attention(nn.Module):
         if L <= MAX_DECODE_QUERIES:  # decode / verify: a shape, fixed per traced step, not data
             out = self.decode_attention(queries, keys, values, mask)  # already [B, L, heads * D]
         else:
-            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
-            out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            out = self.ops.prompt_attention(queries, keys, values, mask)
         return out, (keys, values)
 
     def heads(self, x: mx.array, rope_offset, into) -> tuple[mx.array, mx.array | None, mx.array | None]:

@@ -17,6 +17,7 @@ from .gelu_gate import gelu_gate, gelu_gate_ref
 from .moe_router import moe_router, moe_router_ref
 from .norm_residual import moe_norm_residual, moe_norm_residual_ref, norm_residual, norm_residual_ref
 from .ple_inputs import ple_inputs, ple_inputs_ref
+from .prompt_attention import prompt_attention, prompt_attention_ref, prompt_attention_supports
 from .qmm import qmm, qmm_ref, qmm_supports
 from .qmv import (
     gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_qmv, gated_qmv_norm_residual_qmv_ref,
@@ -38,6 +39,7 @@ class KernelSet:
     gelu_gate: Callable  # the activation of the MLP, the MoE experts and the PLE gate
     sliding_decode_attention: Callable  # head_dim 256, K/V of a sliding ring
     full_decode_attention: Callable  # head_dim 512, K/V of a full-attention cache
+    prompt_attention: Callable  # a prompt chunk's queries (more than MAX_DECODE_QUERIES)
     quantized_matmul: Callable  # quantized projections and the tied LM head (model.quantized_product): qmv's signature
     moe_router: Callable  # softmax, top k, renormalise and per-expert scale of the router's logits
     moe_norm_residual: Callable  # the end of a MoE feed-forward block: experts mixed, branches normed, norm_residual
@@ -109,6 +111,20 @@ def _full_decode_attention(queries, keys, values, mask):
     return (decode_attention if fits else decode_attention_ref)(queries, keys, values, mask)
 
 
+# Keys up to which prompt_attention runs. A threadgroup walks all of its queries' keys, 32 at a
+# time, so its time grows with the keys where MLX's SDPA spreads them over the GPU. In E4B bf16's
+# prompt (ncu, H100) a sliding layer took 26.5 us at 128 tokens and 77.9 at 512, where the twin
+# took about 38 and 49: the whole prompt 7,409 against 7,621 us at 128, 12,281 against 11,469 at 512.
+PROMPT_KERNEL_MAX_KEYS = 128
+
+
+def _prompt_attention(queries, keys, values, mask):
+    """prompt_attention where its tiles run (runs_mma_tiles) on the shapes it supports and wins,
+    the twin (MLX's SDPA) elsewhere."""
+    fits = runs_mma_tiles() and prompt_attention_supports(queries) and keys.shape[2] <= PROMPT_KERNEL_MAX_KEYS
+    return (prompt_attention if fits else prompt_attention_ref)(queries, keys, values, mask)
+
+
 # Where a GPU runs: a kernel only where bench/kernels.py shows it beating its twin there
 # (metal/README.md has the tables).
 KERNELS = KernelSet(
@@ -118,6 +134,7 @@ KERNELS = KernelSet(
     gelu_gate=_gelu_gate_by_rows,
     sliding_decode_attention=decode_attention,
     full_decode_attention=_full_decode_attention,
+    prompt_attention=_prompt_attention,
     quantized_matmul=_quantized_matmul_by_rows,
     moe_router=moe_router,
     moe_norm_residual=moe_norm_residual,
@@ -130,13 +147,13 @@ KERNELS = KernelSet(
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
-    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _quantized_matmul_by_rows,
-    moe_router, moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
+    rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _prompt_attention,
+    _quantized_matmul_by_rows, moe_router, moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
     gated_qmv_norm_residual_qmv, qmv_rope_norm,
 )
 TWINS = KernelSet(
-    rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref, qmv_ref,
-    moe_router_ref, moe_norm_residual_ref, False,
+    rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref,
+    prompt_attention_ref, qmv_ref, moe_router_ref, moe_norm_residual_ref, False,
 )
 
 
@@ -154,7 +171,8 @@ __all__ = [
     "gated_qmv_norm_residual_qmv_ref", "gated_qmv_norm_residual_qmv_supports", "gated_qmv_norm_residual_ref",
     "gated_qmv_ref", "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled",
     "moe_norm_residual", "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual",
-    "norm_residual_ref", "ple_inputs", "ple_inputs_ref", "qmm", "qmm_ref", "qmm_supports", "qmv",
+    "norm_residual_ref", "ple_inputs", "ple_inputs_ref", "prompt_attention", "prompt_attention_ref",
+    "prompt_attention_supports", "qmm", "qmm_ref", "qmm_supports", "qmv",
     "qmv_norm_residual", "qmv_norm_residual_ref", "qmv_norm_residual_supports", "qmv_ref", "qmv_rope_norm",
     "qmv_rope_norm_ref", "qmv_rope_norm_supports", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]
