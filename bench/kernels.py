@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM  # noqa: E402
+from mlx_gemma4.cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache  # noqa: E402
 from mlx_gemma4.config import from_hf_config  # noqa: E402
 from mlx_gemma4.kernels import (  # noqa: E402
     decode_attention, decode_attention_ref, gated_qmv, gated_qmv_ref, gelu_gate, gelu_gate_ref, moe_norm_residual,
@@ -118,12 +118,10 @@ def bench_prompt_attention(config, phase):
         for kind in ("sliding_attention", "full_attention"):
             layer = _layer(config, kind)
             D, Hkv, Hq = layer.head_dim, layer.num_kv_heads, config.num_attention_heads
-            # A first chunk: causal, and for a window shorter than the chunk the sliding cache's mask.
-            positions = mx.arange(L)
-            mask = "causal"
-            if kind == "sliding_attention" and L > layer.sliding_window:
-                seen = positions[None, :] > positions[:, None] - layer.sliding_window
-                mask = ((positions[None, :] <= positions[:, None]) & seen)[None, None]
+            # A first chunk's mask as the model's caches make it (a sliding layer's is boolean).
+            sliding = kind == "sliding_attention"
+            cache = SlidingKVCache(layer.sliding_window, DEFAULT_SLIDING_HEADROOM) if sliding else KVCache()
+            mask = cache.make_mask(L)
             scale = D**-0.25
             make = lambda: (_rand((1, Hq, L, D), scale), _rand((1, Hkv, L, D), scale), _rand((1, Hkv, L, D)), mask)  # noqa: E731,B023
             yield f"{kind.split('_')[0]} q[1,{Hq},{L},{D}] kv[1,{Hkv},{L},{D}]", make
