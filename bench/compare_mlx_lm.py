@@ -41,6 +41,7 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 import mlx_gemma4
 from mlx_gemma4.config import from_hf_config
 from mlx_gemma4.convert import convert_tensors, quantization_config
+from mlx_gemma4.convert.quantize import bits_for
 from mlx_gemma4.convert.write import staged_directory
 from mlx_gemma4.generate import prefill as mlx_gemma4_prefill
 from mlx_gemma4.load import model_from_weights
@@ -52,6 +53,10 @@ DEFAULT_WORKDIR = Path("/tmp/mlx_gemma4_bench")
 QUANT_BITS = {"bf16": None, "8bit": 8, "4bit": 4}
 GROUP_SIZE = 64
 SENSITIVE_BITS = 8  # the converter's default sensitive_bits
+# mlx-lm's quantization: "own" as mlx_lm.convert does it (its quant_predicate: the router at 8 bits,
+# all else at --quant's), "ours" with our converter's per-layer bits, so both run the same model.
+MLX_LM_RECIPES = ("own", "ours")
+MLX_LM_MODULE_PREFIX = re.compile(r"^(language_model\.)?model\.")
 SHARD_BYTES = 2 << 30  # 2 GiB shards: the writer holds one shard of random weights at a time
 # The file path keeps a bf16 source, our bf16 copy and both runtimes' 8- and 4-bit copies, about
 # 3.6x the source: within the GPU machine's 64 GB disk up to e4b (15 GB), not 26b-a4b (50 GB).
@@ -205,29 +210,38 @@ def prepare_mlx_gemma4_checkpoint(hf_dir: Path, root: Path, quant: str, reconver
     return target
 
 
-def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool) -> Path:
-    """bf16 loads the HF directory as is; quantized follows mlx_lm.convert (its quant_predicate)."""
+def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool, recipe: str = "own",
+                              sensitive_bits: int = SENSITIVE_BITS) -> Path:
+    """bf16 loads the HF directory as is; quantized follows mlx_lm.convert, with the recipe's per-layer bits."""
     bits = QUANT_BITS[quant]
     if bits is None:
         return hf_dir
-    target = root / f"mlx_lm-{quant}"
+    target = root / (f"mlx_lm-{quant}" if recipe == "own" else f"mlx_lm-{quant}-ours-s{sensitive_bits}")
     if reconvert and target.is_dir():
         shutil.rmtree(target)
     if not target.is_dir():
         log(f"quantizing with mlx_lm.utils.quantize_model to {target}")
         # mlx_lm.convert minus the tokenizer copy: the random checkpoint has no tokenizer.
         model, config = mlx_lm_load_model(hf_dir, lazy=True)
-        model, config = quantize_like_mlx_lm_convert(model, config, bits)
+        model, config = quantize_like_mlx_lm_convert(model, config, bits, recipe, sensitive_bits)
         with staged_directory(target) as staging:
             save_model(staging, model, donate_model=True)
             save_config(config, staging / "config.json")
     return target
 
 
-def quantize_like_mlx_lm_convert(model, config: dict, bits: int):
-    """`quantize_model` as mlx_lm.convert calls it (the model's own quant_predicate)."""
+def quantize_like_mlx_lm_convert(model, config: dict, bits: int, recipe: str = "own",
+                                 sensitive_bits: int = SENSITIVE_BITS):
+    """`quantize_model` as mlx_lm.convert calls it: the model's own quant_predicate, or ours."""
+    predicate = None if recipe == "own" else partial(our_layer_bits, bits=bits, sensitive_bits=sensitive_bits)
     with contextlib.redirect_stdout(sys.stderr):  # its bits-per-weight note is progress, not report
-        return quantize_model(model, config, GROUP_SIZE, bits)
+        return quantize_model(model, config, GROUP_SIZE, bits, quant_predicate=predicate)
+
+
+def our_layer_bits(path: str, _module, bits: int, sensitive_bits: int) -> dict:
+    """The bits our converter gives an mlx-lm module: its path is our tensor key behind a prefix."""
+    key = MLX_LM_MODULE_PREFIX.sub("", path) + ".weight"
+    return {"group_size": GROUP_SIZE, "bits": bits_for(key, bits, sensitive_bits)}
 
 
 def load_mlx_lm_model(path: Path):
@@ -257,7 +271,7 @@ def build_mlx_gemma4(text: dict, seed: int, quant: str, sensitive_bits: int = SE
     return model_from_weights(config, dict(tensors))  # evaluated one layer at a time
 
 
-def build_mlx_lm(text: dict, seed: int, quant: str):
+def build_mlx_lm(text: dict, seed: int, quant: str, recipe: str = "own", sensitive_bits: int = SENSITIVE_BITS):
     """mlx-lm: the stream loaded as mlx_lm.utils.load_model loads the HF directory, then
     quantized as prepare_mlx_lm_checkpoint quantizes it."""
     model_class, args_class = mlx_lm_model_classes(text)
@@ -265,7 +279,7 @@ def build_mlx_lm(text: dict, seed: int, quant: str):
     model.eval()
     model.load_weights(list(model.sanitize(dict(random_hf_tensors(text, seed))).items()), strict=True)
     if QUANT_BITS[quant] is not None:
-        model, _ = quantize_like_mlx_lm_convert(model, text, QUANT_BITS[quant])
+        model, _ = quantize_like_mlx_lm_convert(model, text, QUANT_BITS[quant], recipe, sensitive_bits)
     evaluate_by_layer(model)
     return model
 
@@ -394,10 +408,13 @@ def compare(model: str, quant: str, args) -> dict:
     weights = "in memory" if in_memory else "files"
     result = {"model": model, "quant": quant, "weights": weights, "prompt_lengths": list(lengths)}
     ours = {"sensitive_bits": args.sensitive_bits}
+    theirs = {"recipe": args.mlx_lm_recipe, "sensitive_bits": args.sensitive_bits}
+    result.update(sensitive_bits=args.sensitive_bits, mlx_lm_recipe=args.mlx_lm_recipe)
     runtimes = {
         "mlx_gemma4": (partial(prepare_mlx_gemma4_checkpoint, **ours), mlx_gemma4.load_model,
                        partial(build_mlx_gemma4, **ours), mlx_gemma4_runtime),
-        "mlx_lm": (prepare_mlx_lm_checkpoint, load_mlx_lm_model, build_mlx_lm, mlx_lm_runtime),
+        "mlx_lm": (partial(prepare_mlx_lm_checkpoint, **theirs), load_mlx_lm_model, partial(build_mlx_lm, **theirs),
+                   mlx_lm_runtime),
     }
     for key, (prepare, load, build, runtime) in runtimes.items():
         log(f"{model} {quant}: {key} ({weights})")
@@ -498,6 +515,18 @@ def paired_cell(ours: dict | None, theirs: dict | None, value: Callable[[dict], 
     return " / ".join("failed" if side is None else format(value(side), spec) for side in (ours, theirs))
 
 
+def quant_label(result: dict) -> str:
+    """The quant cell: "4bit", plus our sensitive bits if not the default, "same bits" if mlx-lm took ours."""
+    label = result["quant"]
+    if QUANT_BITS[label] is None:
+        return label
+    if result.get("sensitive_bits", SENSITIVE_BITS) != SENSITIVE_BITS:
+        label += f" s{result['sensitive_bits']}"
+    if result.get("mlx_lm_recipe", "own") == "ours":
+        label += " same bits"
+    return label
+
+
 def markdown_table(results: list[dict], bandwidth_gbs: float) -> str:
     header = (
         "| model | quant | p | prompt tok/s ours | mlx-lm | ratio | TTFT ms ours / mlx-lm "
@@ -508,7 +537,7 @@ def markdown_table(results: list[dict], bandwidth_gbs: float) -> str:
     for result in results:
         ours, theirs = (summarize(result[key], bandwidth_gbs) for key in ("mlx_gemma4", "mlx_lm"))
         for row, length in enumerate(result["prompt_lengths"]):
-            cells = [result["model"], result["quant"], str(length)]
+            cells = [result["model"], quant_label(result), str(length)]
             cells += compared_cells(ours, theirs, lambda s: s["prompt_tok_s"][length], ",.0f")
             cells.append(paired_cell(ours, theirs, lambda s: s["ttft_ms"][length], ",.1f"))
             if row == 0:  # decode and memory are per model and quant, not per prompt length
@@ -547,8 +576,10 @@ def print_report(env: dict, args, results: list[dict]):
         f"{args.decode_prompt_length}-token prompt, EOS ignored; ratio = ours / mlx-lm; "
         f"GB/s counts weight bytes read per decoded token (KV cache excluded)"
     )
+    theirs = ("quantized with the same per-layer bits (--mlx-lm-recipe ours)" if args.mlx_lm_recipe == "ours"
+              else "keep the router at 8")
     print(f"- our quantized models keep the PLE table, PLE projections and MoE router at {args.sensitive_bits} bits "
-          f"or more (--sensitive-bits); mlx-lm's keep the router at 8")
+          f"or more (--sensitive-bits); mlx-lm's {theirs}")
     print()
     print(markdown_table(results, env["bandwidth_gbs"]))
     failures = [(r, key) for r in results for key in ("mlx_gemma4", "mlx_lm") if "error" in r[key]]
@@ -672,6 +703,11 @@ def parse_args(argv=None):
         "--sensitive-bits", type=int, default=SENSITIVE_BITS,
         help=f"our converter's --q-sensitive-bits (default {SENSITIVE_BITS}; 4 quantizes the PLE table and projections "
         "as mlx-lm's 4-bit convert does, for a like-for-like peak memory)",
+    )
+    parser.add_argument(
+        "--mlx-lm-recipe", choices=MLX_LM_RECIPES, default="own",
+        help="mlx-lm's per-layer bits: 'own' as mlx_lm.convert quantizes (default), 'ours' as our converter does "
+        "with --sensitive-bits, so both runtimes run the same quantized model",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")

@@ -47,3 +47,29 @@ def test_runs_of_different_rooflines_are_refused(tmp_path):
     second = _run(tmp_path / "b.json", "e2b", _side(0.01, 300.0, 9.5), _side(0.02, 100.0, 9.6), bandwidth_gbs=4800)
     with pytest.raises(SystemExit, match="different roofline bandwidths"):
         compare_mlx_lm.main(["--from-json", str(first), str(second)])
+
+
+def _quantized_bits(model) -> dict[str, int]:
+    return {path: module.bits for path, module in model.named_modules() if hasattr(module, "bits")}
+
+
+def test_mlx_lm_recipe_ours_gives_mlx_lm_our_converters_per_layer_bits():
+    from configs import MODELS
+
+    own = _quantized_bits(compare_mlx_lm.build_mlx_lm(MODELS["e2b-mini"], 0, "4bit", "own"))
+    ours = _quantized_bits(compare_mlx_lm.build_mlx_lm(MODELS["e2b-mini"], 0, "4bit", "ours", sensitive_bits=8))
+    assert own.keys() == ours.keys()
+    assert set(own.values()) == {4}
+    eight = {path for path, bits in ours.items() if bits == 8}
+    assert "model.embed_tokens_per_layer" in eight and "model.per_layer_model_projection" in eight
+    assert eight == {path for path in ours if "per_layer" in path}  # the table, its projections and gates
+    assert ours["model.embed_tokens"] == ours["model.layers.0.mlp.down_proj"] == 4
+
+
+def test_the_table_names_a_quantization_unlike_the_default(tmp_path, capsys):
+    run = _run(tmp_path / "a.json", "e2b", _side(0.010, 300.0, 9.5), _side(0.020, 100.0, 9.6))
+    report = json.loads(run.read_text())
+    report["results"][0].update(quant="4bit", sensitive_bits=4, mlx_lm_recipe="ours")
+    run.write_text(json.dumps(report))
+    compare_mlx_lm.main(["--from-json", str(run)])
+    assert "| e2b | 4bit s4 same bits | 512 |" in capsys.readouterr().out

@@ -399,3 +399,30 @@ def test_compiled_decode_applies_to_unpadded_rows_up_to_the_hidden_limit_or_with
     assert CompiledDecode.applies_to(quantized, quantized.make_cache())
     model.use_kernels(dataclasses.replace(TWINS, quantized_matmul=lambda *args: qmv_ref(*args)))
     assert not CompiledDecode.applies_to(model, model.make_cache())  # nothing quantized for it to speed up
+
+
+def test_compiled_prompt_multiplies_quantized_weights_where_a_plain_fill_dequantizes_them(checkpoints, monkeypatch):
+    """On CUDA a plain 300-token chunk multiplies dequantized weights; the compiled prompt, whose
+    queued layers would each hold theirs, keeps the quantized products (model.quantized_products_only)."""
+    from mlx_gemma4 import generate, model as model_module
+    from mlx_gemma4.generate import CompiledPrompt, prefill
+
+    dequantized = []
+
+    def counted(table, x):
+        dequantized.append(x.shape[1])
+        return plain_product(table, x)
+
+    plain_product = model_module.dequantized_product
+    monkeypatch.setattr(model_module, "dequantized_product", counted)
+    monkeypatch.setattr(generate, "runs_on_cpu", lambda: False)
+    monkeypatch.setenv("MLX_GEMMA4_KERNELS", "0")  # the twins: this CPU can build no CUDA kernel
+    model = checkpoints.model("ple_shared", quantize_bits=4)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    prompt = mx.array(checkpoints.prompt("ple_shared", 300, seed=34))
+    compiled = model.make_cache()
+    logits = CompiledPrompt.for_model(model)(prompt, compiled)
+    assert dequantized == []
+    monkeypatch.setattr(CompiledPrompt, "applies_to", staticmethod(lambda *args: False))
+    assert mx.abs(logits - prefill(model, prompt, model.make_cache(), 512)).max().item() <= 1e-4
+    assert dequantized and set(dequantized) == {300}  # the cache owners, over every position

@@ -535,13 +535,14 @@ def test_dequantized_product_equals_quantized_matmul(bits):
 
 def test_long_quantized_prompt_chunks_take_the_dequantized_product_on_cuda(monkeypatch):
     """From DEQUANTIZE_MIN_ROWS rows, and on CUDA only, a quantized projection multiplies its
-    dequantized weight instead of calling the kernel set's quantized matmul."""
+    dequantized weight instead of calling the kernel set's quantized matmul, but not inside
+    quantized_products_only."""
     import dataclasses
 
     import mlx.nn as nn
 
     from mlx_gemma4.kernels import TWINS, qmv_ref
-    from mlx_gemma4.model import DEQUANTIZE_MIN_ROWS, QuantizedLinear
+    from mlx_gemma4.model import DEQUANTIZE_MIN_ROWS, QuantizedLinear, quantized_products_only
 
     calls = []
 
@@ -560,6 +561,11 @@ def test_long_quantized_prompt_chunks_take_the_dequantized_product_on_cuda(monke
     assert mx.abs(layer(x) - expected).max().item() <= 1e-4 and calls == []
     layer(x[:, : rows - 1])
     assert calls == [rows - 1]
+    with quantized_products_only():  # as a compiled prompt is traced
+        layer(x)
+    assert calls == [rows - 1, rows]
+    layer(x)
+    assert calls == [rows - 1, rows]
 
 
 def test_linear_multiplies_its_kept_transposed_view_until_the_weight_changes():
