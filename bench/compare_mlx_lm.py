@@ -41,7 +41,7 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 import mlx_gemma4
 from mlx_gemma4.config import from_hf_config
 from mlx_gemma4.convert import convert_tensors, quantization_config
-from mlx_gemma4.convert.quantize import bits_for
+from mlx_gemma4.convert.quantize import PLE_TABLE_BITS, SENSITIVE_BITS, bits_for
 from mlx_gemma4.convert.write import staged_directory
 from mlx_gemma4.generate import prefill as mlx_gemma4_prefill
 from mlx_gemma4.load import model_from_weights
@@ -52,7 +52,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path("/tmp/mlx_gemma4_bench")
 QUANT_BITS = {"bf16": None, "8bit": 8, "4bit": 4}
 GROUP_SIZE = 64
-SENSITIVE_BITS = 8  # the converter's default sensitive_bits
 # mlx-lm's quantization: "own" as mlx_lm.convert does it (its quant_predicate: the router at 8 bits,
 # all else at --quant's), "ours" with our converter's per-layer bits, so both run the same model.
 MLX_LM_RECIPES = ("own", "ours")
@@ -198,32 +197,38 @@ def prepare_hf_checkpoint(root: Path, model: str, seed: int) -> Path:
 
 
 def prepare_mlx_gemma4_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool,
-                                  sensitive_bits: int = SENSITIVE_BITS) -> Path:
-    suffix = "" if sensitive_bits == SENSITIVE_BITS else f"-s{sensitive_bits}"
-    target = root / f"mlx_gemma4-{quant}{suffix}"
+                                  sensitive_bits: int = SENSITIVE_BITS, ple_table_bits: int = PLE_TABLE_BITS) -> Path:
+    target = root / f"mlx_gemma4-{quant}{bit_floors_suffix(sensitive_bits, ple_table_bits)}"
     if reconvert and target.is_dir():
         shutil.rmtree(target)
     if not target.is_dir():
         log(f"converting with mlx_gemma4.convert to {target}")
         mlx_gemma4.convert(hf_dir, target, dtype="bfloat16", quantize_bits=QUANT_BITS[quant], group_size=GROUP_SIZE,
-                           sensitive_bits=sensitive_bits)
+                           sensitive_bits=sensitive_bits, ple_table_bits=ple_table_bits)
     return target
 
 
+def bit_floors_suffix(sensitive_bits: int, ple_table_bits: int) -> str:
+    """"-s4", "-t8", "-s4-t4": the floors that are not the converter's defaults, for a directory name."""
+    floors = (("s", sensitive_bits, SENSITIVE_BITS), ("t", ple_table_bits, PLE_TABLE_BITS))
+    return "".join(f"-{tag}{bits}" for tag, bits, default in floors if bits != default)
+
+
 def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: bool, recipe: str = "own",
-                              sensitive_bits: int = SENSITIVE_BITS) -> Path:
+                              sensitive_bits: int = SENSITIVE_BITS, ple_table_bits: int = PLE_TABLE_BITS) -> Path:
     """bf16 loads the HF directory as is; quantized follows mlx_lm.convert, with the recipe's per-layer bits."""
     bits = QUANT_BITS[quant]
     if bits is None:
         return hf_dir
-    target = root / (f"mlx_lm-{quant}" if recipe == "own" else f"mlx_lm-{quant}-ours-s{sensitive_bits}")
+    target = root / (f"mlx_lm-{quant}" if recipe == "own"
+                     else f"mlx_lm-{quant}-ours{bit_floors_suffix(sensitive_bits, ple_table_bits)}")
     if reconvert and target.is_dir():
         shutil.rmtree(target)
     if not target.is_dir():
         log(f"quantizing with mlx_lm.utils.quantize_model to {target}")
         # mlx_lm.convert minus the tokenizer copy: the random checkpoint has no tokenizer.
         model, config = mlx_lm_load_model(hf_dir, lazy=True)
-        model, config = quantize_like_mlx_lm_convert(model, config, bits, recipe, sensitive_bits)
+        model, config = quantize_like_mlx_lm_convert(model, config, bits, recipe, sensitive_bits, ple_table_bits)
         with staged_directory(target) as staging:
             save_model(staging, model, donate_model=True)
             save_config(config, staging / "config.json")
@@ -231,17 +236,19 @@ def prepare_mlx_lm_checkpoint(hf_dir: Path, root: Path, quant: str, reconvert: b
 
 
 def quantize_like_mlx_lm_convert(model, config: dict, bits: int, recipe: str = "own",
-                                 sensitive_bits: int = SENSITIVE_BITS):
+                                 sensitive_bits: int = SENSITIVE_BITS, ple_table_bits: int = PLE_TABLE_BITS):
     """`quantize_model` as mlx_lm.convert calls it: the model's own quant_predicate, or ours."""
-    predicate = None if recipe == "own" else partial(our_layer_bits, bits=bits, sensitive_bits=sensitive_bits)
+    predicate = None if recipe == "own" else partial(
+        our_layer_bits, bits=bits, sensitive_bits=sensitive_bits, ple_table_bits=ple_table_bits
+    )
     with contextlib.redirect_stdout(sys.stderr):  # its bits-per-weight note is progress, not report
         return quantize_model(model, config, GROUP_SIZE, bits, quant_predicate=predicate)
 
 
-def our_layer_bits(path: str, _module, bits: int, sensitive_bits: int) -> dict:
+def our_layer_bits(path: str, _module, bits: int, sensitive_bits: int, ple_table_bits: int) -> dict:
     """The bits our converter gives an mlx-lm module: its path is our tensor key behind a prefix."""
     key = MLX_LM_MODULE_PREFIX.sub("", path) + ".weight"
-    return {"group_size": GROUP_SIZE, "bits": bits_for(key, bits, sensitive_bits)}
+    return {"group_size": GROUP_SIZE, "bits": bits_for(key, bits, sensitive_bits, ple_table_bits)}
 
 
 def load_mlx_lm_model(path: Path):
@@ -259,19 +266,22 @@ def evaluate_by_layer(model):
     mx.eval(model.parameters())
 
 
-def build_mlx_gemma4(text: dict, seed: int, quant: str, sensitive_bits: int = SENSITIVE_BITS) -> mlx_gemma4.Model:
+def build_mlx_gemma4(text: dict, seed: int, quant: str, sensitive_bits: int = SENSITIVE_BITS,
+                     ple_table_bits: int = PLE_TABLE_BITS) -> mlx_gemma4.Model:
     """Ours: the stream through the converter's per-tensor path, as the file path converts it."""
     bits = QUANT_BITS[quant]
     config = from_hf_config(text)
+    bit_floors = dict(sensitive_bits=sensitive_bits, ple_table_bits=ple_table_bits)
     tensors = convert_tensors(
         config, random_hf_tensors(text, seed), dtype="bfloat16", quantize_bits=bits, group_size=GROUP_SIZE,
-        sensitive_bits=sensitive_bits,
+        **bit_floors,
     )
-    config = replace(config, quantization=quantization_config(config, bits, GROUP_SIZE, sensitive_bits))
+    config = replace(config, quantization=quantization_config(config, bits, GROUP_SIZE, **bit_floors))
     return model_from_weights(config, dict(tensors))  # evaluated one layer at a time
 
 
-def build_mlx_lm(text: dict, seed: int, quant: str, recipe: str = "own", sensitive_bits: int = SENSITIVE_BITS):
+def build_mlx_lm(text: dict, seed: int, quant: str, recipe: str = "own", sensitive_bits: int = SENSITIVE_BITS,
+                 ple_table_bits: int = PLE_TABLE_BITS):
     """mlx-lm: the stream loaded as mlx_lm.utils.load_model loads the HF directory, then
     quantized as prepare_mlx_lm_checkpoint quantizes it."""
     model_class, args_class = mlx_lm_model_classes(text)
@@ -279,7 +289,7 @@ def build_mlx_lm(text: dict, seed: int, quant: str, recipe: str = "own", sensiti
     model.eval()
     model.load_weights(list(model.sanitize(dict(random_hf_tensors(text, seed))).items()), strict=True)
     if QUANT_BITS[quant] is not None:
-        model, _ = quantize_like_mlx_lm_convert(model, text, QUANT_BITS[quant], recipe, sensitive_bits)
+        model, _ = quantize_like_mlx_lm_convert(model, text, QUANT_BITS[quant], recipe, sensitive_bits, ple_table_bits)
     evaluate_by_layer(model)
     return model
 
@@ -407,9 +417,9 @@ def compare(model: str, quant: str, args) -> dict:
 
     weights = "in memory" if in_memory else "files"
     result = {"model": model, "quant": quant, "weights": weights, "prompt_lengths": list(lengths)}
-    ours = {"sensitive_bits": args.sensitive_bits}
-    theirs = {"recipe": args.mlx_lm_recipe, "sensitive_bits": args.sensitive_bits}
-    result.update(sensitive_bits=args.sensitive_bits, mlx_lm_recipe=args.mlx_lm_recipe)
+    ours = {"sensitive_bits": args.sensitive_bits, "ple_table_bits": args.ple_table_bits}
+    theirs = {"recipe": args.mlx_lm_recipe, **ours}
+    result.update(ours, mlx_lm_recipe=args.mlx_lm_recipe)
     runtimes = {
         "mlx_gemma4": (partial(prepare_mlx_gemma4_checkpoint, **ours), mlx_gemma4.load_model,
                        partial(build_mlx_gemma4, **ours), mlx_gemma4_runtime),
@@ -516,12 +526,14 @@ def paired_cell(ours: dict | None, theirs: dict | None, value: Callable[[dict], 
 
 
 def quant_label(result: dict) -> str:
-    """The quant cell: "4bit", plus our sensitive bits if not the default, "same bits" if mlx-lm took ours."""
+    """The quant cell: "4bit", plus our bit floors if not the defaults ("s4": sensitive bits, "t8": the
+    PLE table's), "same bits" if mlx-lm took ours."""
     label = result["quant"]
     if QUANT_BITS[label] is None:
         return label
-    if result.get("sensitive_bits", SENSITIVE_BITS) != SENSITIVE_BITS:
-        label += f" s{result['sensitive_bits']}"
+    sensitive_bits = result.get("sensitive_bits", SENSITIVE_BITS)
+    # Runs before session 36 held the PLE table at the sensitive bits.
+    label += bit_floors_suffix(sensitive_bits, result.get("ple_table_bits", sensitive_bits)).replace("-", " ")
     if result.get("mlx_lm_recipe", "own") == "ours":
         label += " same bits"
     return label
@@ -578,8 +590,8 @@ def print_report(env: dict, args, results: list[dict]):
     )
     theirs = ("quantized with the same per-layer bits (--mlx-lm-recipe ours)" if args.mlx_lm_recipe == "ours"
               else "keep the router at 8")
-    print(f"- our quantized models keep the PLE table, PLE projections and MoE router at {args.sensitive_bits} bits "
-          f"or more (--sensitive-bits); mlx-lm's {theirs}")
+    print(f"- our quantized models keep the PLE table at {args.ple_table_bits} bits or more (--ple-table-bits), "
+          f"the PLE projections and MoE router at {args.sensitive_bits} (--sensitive-bits); mlx-lm's {theirs}")
     print()
     print(markdown_table(results, env["bandwidth_gbs"]))
     failures = [(r, key) for r in results for key in ("mlx_gemma4", "mlx_lm") if "error" in r[key]]
@@ -701,13 +713,18 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--sensitive-bits", type=int, default=SENSITIVE_BITS,
-        help=f"our converter's --q-sensitive-bits (default {SENSITIVE_BITS}; 4 quantizes the PLE table and projections "
-        "as mlx-lm's 4-bit convert does, for a like-for-like peak memory)",
+        help=f"our converter's --q-sensitive-bits (default {SENSITIVE_BITS}; 4 quantizes the PLE projections as "
+        "mlx-lm's 4-bit convert does)",
+    )
+    parser.add_argument(
+        "--ple-table-bits", type=int, default=PLE_TABLE_BITS,
+        help=f"our converter's --q-ple-table-bits (default {PLE_TABLE_BITS}; 4 quantizes the PLE table as mlx-lm's "
+        "4-bit convert does)",
     )
     parser.add_argument(
         "--mlx-lm-recipe", choices=MLX_LM_RECIPES, default="own",
         help="mlx-lm's per-layer bits: 'own' as mlx_lm.convert quantizes (default), 'ours' as our converter does "
-        "with --sensitive-bits, so both runtimes run the same quantized model",
+        "with --sensitive-bits and --ple-table-bits, so both runtimes run the same quantized model",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--plot", type=Path, help="write a decode tok/s bar plot here (needs matplotlib)")

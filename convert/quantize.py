@@ -8,12 +8,16 @@ import mlx.core as mx
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-# Layers whose error feeds every token strongly: 4-bit PLE tables and routers give garbage
+# Layers whose error feeds every token strongly: 4-bit PLE projections and routers give garbage
 # (peers' reports), so they stay at `sensitive_bits` (8 by default) when asked for fewer.
 SENSITIVE = re.compile(
-    r"^(embed_tokens_per_layer|per_layer_model_projection)\.weight$"
-    r"|\.(per_layer_input_gate|per_layer_projection|router\.proj)\.weight$"
+    r"^per_layer_model_projection\.weight$|\.(per_layer_input_gate|per_layer_projection|router\.proj)\.weight$"
 )
+# The PLE table, 1.2-1.4 GB more at 8 bits than at 4 on E2B/E4B: peers ship it at 4 (mlx-lm), 4.5 (llama.cpp
+# IQ4_NL) and 5.5 bits a weight (Unsloth's Q5_K); one reports garbage at 4 (Rapid-MLX#1114). 5 bits here.
+PLE_TABLE = "embed_tokens_per_layer.weight"
+PLE_TABLE_BITS = 5
+SENSITIVE_BITS = 8
 
 
 def quantizable(key: str, shape: tuple[int, ...], group_size: int) -> bool:
@@ -21,7 +25,9 @@ def quantizable(key: str, shape: tuple[int, ...], group_size: int) -> bool:
     return key.endswith(".weight") and len(shape) >= 2 and shape[-1] % group_size == 0
 
 
-def bits_for(key: str, bits: int, sensitive_bits: int) -> int:
+def bits_for(key: str, bits: int, sensitive_bits: int = SENSITIVE_BITS, ple_table_bits: int = PLE_TABLE_BITS) -> int:
+    if key == PLE_TABLE:
+        return max(bits, ple_table_bits)
     return max(bits, sensitive_bits) if SENSITIVE.search(key) else bits
 
 

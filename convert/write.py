@@ -21,7 +21,15 @@ from mlx_gemma4.model import Model
 
 from .hf import read_hf_checkpoint
 from .mapping import map_tensor
-from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, bits_for, quantizable, quantize_weight
+from .quantize import (
+    PLE_TABLE_BITS,
+    SENSITIVE_BITS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    bits_for,
+    quantizable,
+    quantize_weight,
+)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SHARD_BYTES = 2 << 30  # 2 GiB output shards: small enough to stream, few enough to open fast
@@ -83,19 +91,25 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in tree_flatten(Model(config).parameters())}
 
 
-def _check_options(dtype: str, quantize_bits: int | None, group_size: int, sensitive_bits: int):
+def _check_options(dtype: str, quantize_bits: int | None, group_size: int, sensitive_bits: int, ple_table_bits: int):
     if dtype not in DTYPES:
         raise Gemma4Error(f"dtype '{dtype}' is not supported (choose from {', '.join(DTYPES)})")
     if quantize_bits is not None and quantize_bits not in SUPPORTED_BITS:
         raise Gemma4Error(f"{quantize_bits}-bit quantization is not supported (choose from {SUPPORTED_BITS})")
     if sensitive_bits not in SUPPORTED_BITS:
         raise Gemma4Error(f"sensitive_bits {sensitive_bits} is not supported (choose from {SUPPORTED_BITS})")
+    if ple_table_bits not in SUPPORTED_BITS:
+        raise Gemma4Error(f"ple_table_bits {ple_table_bits} is not supported (choose from {SUPPORTED_BITS})")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise Gemma4Error(f"group size {group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})")
 
 
 def quantization_config(
-    config: ModelConfig, quantize_bits: int | None, group_size: int = 64, sensitive_bits: int = 8
+    config: ModelConfig,
+    quantize_bits: int | None,
+    group_size: int = 64,
+    sensitive_bits: int = SENSITIVE_BITS,
+    ple_table_bits: int = PLE_TABLE_BITS,
 ) -> dict | None:
     """The `quantization` entry `convert` writes into config.json (None unquantized): default bits,
     group size, and the modules held at other bits. Names and shapes alone decide which matrices
@@ -103,7 +117,7 @@ def quantization_config(
     if not quantize_bits:
         return None
     module_bits = {
-        key[: -len(".weight")]: bits_for(key, quantize_bits, sensitive_bits)
+        key[: -len(".weight")]: bits_for(key, quantize_bits, sensitive_bits, ple_table_bits)
         for key, shape in _expected_shapes(config).items()
         if quantizable(key, shape, group_size)
     }
@@ -118,7 +132,8 @@ def convert_tensors(
     dtype: str = "bfloat16",
     quantize_bits: int | None = None,
     group_size: int = 64,
-    sensitive_bits: int = 8,
+    sensitive_bits: int = SENSITIVE_BITS,
+    ple_table_bits: int = PLE_TABLE_BITS,
 ) -> Iterator[tuple[str, mx.array]]:
     """Converted (key, array) pairs of Hugging Face (name, tensor) pairs, one tensor at a time and
     lazily: renamed, checked against `config`'s shapes, cast to `dtype`, quantized as `convert` does.
@@ -126,7 +141,7 @@ def convert_tensors(
     Raises CheckpointError on an unexpected or misshapen tensor, and after the last one if a
     tensor the config needs never came.
     """
-    _check_options(dtype, quantize_bits, group_size, sensitive_bits)
+    _check_options(dtype, quantize_bits, group_size, sensitive_bits, ple_table_bits)
     expected, seen = _expected_shapes(config), set()
     for hf_key, tensor in tensors:
         for key, value in map_tensor(hf_key, tensor, config):
@@ -139,7 +154,7 @@ def convert_tensors(
             seen.add(key)
             value = value.astype(DTYPES[dtype])
             if quantize_bits and quantizable(key, value.shape, group_size):
-                bits = bits_for(key, quantize_bits, sensitive_bits)
+                bits = bits_for(key, quantize_bits, sensitive_bits, ple_table_bits)
                 yield from quantize_weight(key, value, bits, group_size).items()
             else:
                 yield key, value
@@ -163,14 +178,17 @@ def convert(
     dtype: str = "bfloat16",
     quantize_bits: int | None = None,
     group_size: int = 64,
-    sensitive_bits: int = 8,
+    sensitive_bits: int = SENSITIVE_BITS,
+    ple_table_bits: int = PLE_TABLE_BITS,
 ) -> Path:
     """Convert `hf_path` into `mlx_path`; a failure leaves no `mlx_path` behind.
 
     `quantize_bits` quantizes every matrix whose rows split into `group_size` groups; the PLE
-    table, PLE projections and MoE router use at least `sensitive_bits` (8 unless asked).
+    projections and MoE router use at least `sensitive_bits` (8 unless asked), the PLE table at
+    least `ple_table_bits` (5 unless asked).
     """
-    options = dict(dtype=dtype, quantize_bits=quantize_bits, group_size=group_size, sensitive_bits=sensitive_bits)
+    bit_floors = dict(sensitive_bits=sensitive_bits, ple_table_bits=ple_table_bits)
+    options = dict(dtype=dtype, quantize_bits=quantize_bits, group_size=group_size, **bit_floors)
     _check_options(**options)  # before reading anything
     target = Path(mlx_path).expanduser()
     if target.exists():
@@ -185,7 +203,7 @@ def convert(
                 writer.add(key, value)
         writer.close()
 
-        quantization = quantization_config(config, quantize_bits, group_size, sensitive_bits)
+        quantization = quantization_config(config, quantize_bits, group_size, **bit_floors)
         out_config = replace(config, quantization=quantization).to_dict()
         (staging / "config.json").write_text(json.dumps(out_config, indent=2))
         for name in COPIED_FILES:

@@ -24,6 +24,7 @@ def _convert(args: argparse.Namespace) -> None:
         quantize_bits=bits,
         group_size=args.q_group_size,
         sensitive_bits=args.q_sensitive_bits,
+        ple_table_bits=args.q_ple_table_bits,
     )
     print(f"Converted {args.hf_path} -> {out}")
 
@@ -203,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--q-bits", type=int, default=4, help="bits per weight with -q (4 or 8; 2-6 too)")
     convert.add_argument("--q-group-size", type=int, default=64, help="quantization group size (32, 64, 128)")
     convert.add_argument(
-        "--q-sensitive-bits", type=int, default=8, help="minimum bits for PLE table/projections and router"
+        "--q-sensitive-bits", type=int, default=8, help="minimum bits for the PLE projections and MoE router"
     )
+    convert.add_argument("--q-ple-table-bits", type=int, default=5, help="minimum bits for the PLE table")
     convert.set_defaults(run=_convert)
 
     chat = commands.add_parser("chat", help="chat in the terminal (or with turns piped in, one per line)")

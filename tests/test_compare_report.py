@@ -57,19 +57,26 @@ def test_mlx_lm_recipe_ours_gives_mlx_lm_our_converters_per_layer_bits():
     from configs import MODELS
 
     own = _quantized_bits(compare_mlx_lm.build_mlx_lm(MODELS["e2b-mini"], 0, "4bit", "own"))
-    ours = _quantized_bits(compare_mlx_lm.build_mlx_lm(MODELS["e2b-mini"], 0, "4bit", "ours", sensitive_bits=8))
+    ours = _quantized_bits(compare_mlx_lm.build_mlx_lm(MODELS["e2b-mini"], 0, "4bit", "ours", sensitive_bits=8,
+                                                       ple_table_bits=6))
     assert own.keys() == ours.keys()
     assert set(own.values()) == {4}
     eight = {path for path, bits in ours.items() if bits == 8}
-    assert "model.embed_tokens_per_layer" in eight and "model.per_layer_model_projection" in eight
-    assert eight == {path for path in ours if "per_layer" in path}  # the table, its projections and gates
+    assert "model.per_layer_model_projection" in eight
+    assert eight == {path for path in ours if "per_layer" in path} - {"model.embed_tokens_per_layer"}  # its projections
+    assert ours["model.embed_tokens_per_layer"] == 6
     assert ours["model.embed_tokens"] == ours["model.layers.0.mlp.down_proj"] == 4
 
 
 def test_the_table_names_a_quantization_unlike_the_default(tmp_path, capsys):
     run = _run(tmp_path / "a.json", "e2b", _side(0.010, 300.0, 9.5), _side(0.020, 100.0, 9.6))
     report = json.loads(run.read_text())
-    report["results"][0].update(quant="4bit", sensitive_bits=4, mlx_lm_recipe="ours")
+    report["results"][0].update(quant="4bit", sensitive_bits=4, ple_table_bits=4, mlx_lm_recipe="ours")
+    report["results"].append(dict(report["results"][0], sensitive_bits=8, ple_table_bits=5, mlx_lm_recipe="own"))
+    report["results"].append(dict(report["results"][1], ple_table_bits=None))
+    del report["results"][2]["ple_table_bits"]  # a run before session 36: the table at the sensitive bits
     run.write_text(json.dumps(report))
     compare_mlx_lm.main(["--from-json", str(run)])
-    assert "| e2b | 4bit s4 same bits | 512 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| e2b | 4bit s4 t4 same bits | 512 |" in table
+    assert "| e2b | 4bit | 512 |" in table and "| e2b | 4bit t8 | 512 |" in table

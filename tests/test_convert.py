@@ -78,13 +78,26 @@ def test_moe_experts_are_split_into_gate_and_up(checkpoints):
     assert weights["layers.0.experts.down_proj.weight"].shape == (experts, 64, width)
 
 
-def test_quantized_checkpoint_keeps_sensitive_layers_at_8_bits(checkpoints):
+def test_quantized_checkpoint_keeps_the_ple_table_at_5_bits_and_its_projections_at_8(checkpoints):
     config = converted_config(checkpoints, "ple_shared", dtype="bfloat16", quantize_bits=4)
     quantization = config["quantization"]
     assert (quantization["bits"], quantization["group_size"]) == (4, 32)
     eight_bit = {m for m, o in quantization["modules"].items() if o["bits"] == 8}
-    assert {"embed_tokens_per_layer", "per_layer_model_projection", "layers.0.per_layer_input_gate"} <= eight_bit
+    assert {"per_layer_model_projection", "layers.0.per_layer_input_gate"} <= eight_bit
+    assert quantization["modules"]["embed_tokens_per_layer"] == {"bits": 5}
     assert "layers.0.mlp.gate_proj" not in quantization["modules"]  # default bits apply
+
+
+def test_more_bits_asked_than_the_floors_apply_everywhere(checkpoints):
+    quantization = converted_config(checkpoints, "ple_shared", dtype="bfloat16", quantize_bits=8)["quantization"]
+    assert quantization["bits"] == 8 and quantization["modules"] == {}
+
+
+def test_unsupported_bit_floors_are_refused(checkpoints, tmp_path):
+    for floor in ("sensitive_bits", "ple_table_bits"):
+        with pytest.raises(Gemma4Error, match=f"{floor} 7 is not supported"):
+            mlx_gemma4.convert(checkpoints.hf_dir("moe"), tmp_path / "out", quantize_bits=4, **{floor: 7})
+    assert not (tmp_path / "out").exists()
 
 
 def dequantized_twin(model):
@@ -107,7 +120,8 @@ def test_quantized_model_computes_with_its_dequantized_weights(checkpoints, name
     """Quantized modules, per-module bits and the quantized tied head are wired as converted."""
     model = checkpoints.model(name, "float32", 4)
     bits = {path: module.bits for path, module in model.named_modules() if hasattr(module, "bits")}
-    assert bits["embed_tokens"] == 4 and bits["layers.0.router.proj" if name == "moe" else "embed_tokens_per_layer"] == 8
+    assert bits["embed_tokens"] == 4
+    assert (bits["layers.0.router.proj"] == 8) if name == "moe" else (bits["embed_tokens_per_layer"] == 5)
     ids = mx.array(checkpoints.prompt(name, 20, seed=11))
     assert np.abs(np.array(model(ids)) - np.array(dequantized_twin(model)(ids))).max() <= 1e-4
 
@@ -209,6 +223,16 @@ def test_cli_converts_and_quantizes(checkpoints, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
+
+
+def test_cli_sets_the_ple_table_bits(checkpoints, tmp_path):
+    result = run_cli(
+        "convert", "--hf-path", str(checkpoints.hf_dir("ple_shared")), "--mlx-path", str(tmp_path / "q4"),
+        "-q", "--q-group-size", "32", "--q-ple-table-bits", "8", "--q-sensitive-bits", "6",
+    )
+    assert result.returncode == 0, result.stderr
+    modules = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["modules"]
+    assert modules["embed_tokens_per_layer"] == {"bits": 8} and modules["per_layer_model_projection"] == {"bits": 6}
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

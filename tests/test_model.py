@@ -432,8 +432,9 @@ def test_decode_attention_blocks_end_in_the_kernel_sets_qmv_norm_residual(checkp
     assert steps % len(model.layers) == 0 and steps >= len(model.layers)
 
 
-@pytest.mark.parametrize("quantize_bits", [None, 4])
-def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_residual_qmv(checkpoints,
+# Quantized in float32: on the CPU the model hands its quantized products float32 inputs, as the twin does there.
+@pytest.mark.parametrize("dtype,quantize_bits", [("bfloat16", None), ("float32", 4)])
+def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_residual_qmv(checkpoints, dtype,
                                                                                              quantize_bits):
     """At decode, a PLE layer's feed-forward end (no layer_scalar, no next norm) and its PLE gate
     come from one `ops.gated_qmv_norm_residual_qmv` call; the tokens stay those of the two ops."""
@@ -441,7 +442,7 @@ def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_r
 
     from mlx_gemma4.kernels import TWINS, gated_qmv_norm_residual_qmv_ref
 
-    model = checkpoints.model("ple_shared", dtype="bfloat16", quantize_bits=quantize_bits)
+    model = checkpoints.model("ple_shared", dtype=dtype, quantize_bits=quantize_bits)
     prompt = checkpoints.prompt("ple_shared", 12, seed=4)[0].tolist()
     expected = greedy_tokens(model, prompt, TWINS)
     calls = []
