@@ -15,6 +15,10 @@
 // GATED (a define): x is gelu_tanh(gate) * up, rounded to T as gelu_gate's output is, made as it
 // is loaded: the MLP's down projection reads the gate|up halves of one array, the PLE projection
 // the gate and its layer's columns of the per-layer inputs, with no gelu_gate launch between.
+// GELU_HALVES (a define): w's N rows are a gate half and an up half (the MLP's fused gate|up
+// projection). A threadgroup takes RPS / 2 rows of each, the same rows of both, and writes out
+// [M, N / 2] = gelu_tanh(gate) * up of its pairs, as gelu_gate makes it of the rounded product:
+// the down projection then reads its x as it is, where GATED remakes it in every threadgroup.
 // NORM_RESIDUAL (a define; CUDA only, for cuda_compat.h's arrive_last): the launch ends a
 // sub-block as norm_residual does, on the product's rows: out = (residual + RMSNorm(product) *
 // norm_w) * scale, and with NEXT_NORMS (a define, 0-3) normed = RMSNorm(out) * next_w, normed_2
@@ -41,7 +45,7 @@
 // In: x [M, x columns] (T; GATED: the gate, its first K columns), GATED: up [M, up columns] and
 // up_column int32 [1] (up's first column), w [N, K * BITS / 32] uint32 (or [N, K]), scales,
 // biases [N, K / GROUP]. K is w's. Rows of x and up 16-byte aligned where T is bfloat16.
-// Out: [M, N] in T (NORM_RESIDUAL: out, then the NEXT_NORMS normed outputs).
+// Out: [M, N] in T (GELU_HALVES: [M, N / 2]; NORM_RESIDUAL: out, then the NEXT_NORMS normed outputs).
 // Grid: ceil(N / RPS) threadgroups of SIMDS simdgroups (THEN_QMV: THEN_TGS more).
 // Templates: T, WT (w's type), M, BITS, GROUP, RPS, SIMDS, X_BF16 (T is bfloat16), W_BF16 (WT is
 // bfloat16); K and N are read from the shapes, so one build serves every projection of a model.
@@ -134,11 +138,18 @@
     return;
   }
 #endif
-  const int first = int(threadgroup_position_in_grid.x) * RPS;
   int rows[RPS];
+#if GELU_HALVES
+  const int pair = int(threadgroup_position_in_grid.x) * (RPS / 2);  // N / 2 is a multiple of RPS / 2
+  for (int r = 0; r < RPS; r++) {
+    rows[r] = pair + r + (r < RPS / 2 ? 0 : N / 2 - RPS / 2);  // gate rows, then up's
+  }
+#else
+  const int first = int(threadgroup_position_in_grid.x) * RPS;
   for (int r = 0; r < RPS; r++) {
     rows[r] = metal::min(first + r, N - 1);  // rows past N load row N - 1 and are not written
   }
+#endif
   float acc[RPS][M];
   for (int r = 0; r < RPS; r++) {
     for (int m = 0; m < M; m++) {
@@ -255,6 +266,18 @@
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+#if GELU_HALVES
+  for (int t = int(group_simd) * 32 + int(lane); t < (RPS / 2) * M; t += SIMDS * 32) {
+    float gate_total = 0.0f;
+    float up_total = 0.0f;
+    for (int s = 0; s < SIMDS; s++) {
+      gate_total += partial[s * RPS * M + t];
+      up_total += partial[s * RPS * M + (RPS / 2) * M + t];
+    }
+    const float gelu = gelu_tanh(round_to<T>(gate_total));
+    out[(t % M) * (N / 2) + pair + t / M] = static_cast<T>(gelu * round_to<T>(up_total));
+  }
+#else
 #if NORM_RESIDUAL || ROPE_NORM
   device float* product = const_cast<device float*>(projected);
 #endif
@@ -272,6 +295,7 @@
 #endif
     }
   }
+#endif
 #if NORM_RESIDUAL
   // The last threadgroup to finish runs norm_residual (norm_residual.metal) over the product's
   // rows, which the others left in `projected`.

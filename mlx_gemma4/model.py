@@ -19,7 +19,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
 from .kernels import (
-    MAX_DECODE_QUERIES, KernelSet, gated_qmv_norm_residual_qmv_supports, gated_qmv_supports, qmv_norm_residual_supports,
+    MAX_DECODE_QUERIES, KernelSet, gated_qmv_norm_residual_qmv_supports, gated_qmv_supports, qmv_gelu_supports,
+    qmv_norm_residual_qmv_supports, qmv_norm_residual_supports,
     qmv_ref, qmv_rope_norm_supports, select_kernels,
 )
 from .kernels._source import POOLED_MAX_BYTES, parameter_array, shared_launch_buffers
@@ -162,6 +163,19 @@ def projected_residual(ops: KernelSet, linear: nn.Module, x: mx.array, weight: m
     return ops.norm_residual(linear(x), weight, residual, scale, eps, next_weight)
 
 
+def projected_residual_then(ops: KernelSet, linear: nn.Module, x: mx.array, weight: mx.array, residual: mx.array,
+                            eps: float, then: nn.Module) -> tuple[mx.array, mx.array]:
+    """(h, then(h)) for h = projected_residual(ops, linear, x, weight, residual, None, eps): in one
+    launch at decode where the kernel set has qmv_norm_residual_qmv (a PLE layer's feed-forward end
+    of qmv_gelu's x and its PLE gate)."""
+    operands = _projection_operands(linear) if ops.qmv_norm_residual_qmv else None
+    then_operands = _projection_operands(then) if operands else None
+    if then_operands and qmv_norm_residual_qmv_supports(x, *operands, then_operands):
+        return ops.qmv_norm_residual_qmv(x, *operands, weight, residual, None, eps, then_operands)
+    h = projected_residual(ops, linear, x, weight, residual, None, eps)
+    return h, then(h)
+
+
 def gated_residual(ops: KernelSet, linear: nn.Module, gate: mx.array, up: mx.array | None, up_offset: int,
                    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float,
                    next_weight: NextWeights = None) -> mx.array | tuple:
@@ -301,6 +315,15 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return gated_projection(self.ops, self.down_proj, *self.gated_inputs(x))
+
+    def activated(self, x: mx.array) -> mx.array | None:
+        """gelu(gate) * up, the down projection's x, from the fused gate|up projection in one launch
+        where the kernel set has qmv_gelu and takes x (decode, quantized weights); None elsewhere,
+        where the down projection takes the halves (gated_inputs)."""
+        operands = _projection_operands(self.gate_up_proj) if self.ops.qmv_gelu and "gate_up_proj" in self else None
+        if operands and qmv_gelu_supports(x, *operands):
+            return self.ops.qmv_gelu(x, *operands)
+        return None
 
     def gated_inputs(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
         """The down projection's gate and up: the fused projection's halves, read in place (up None)."""
@@ -537,9 +560,13 @@ class DecoderLayer(nn.Module):
             # The experts mixed by their weights and normed, plus the normed dense branch, then as below.
             branch_norms = (self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight)
             feed_forward_end = partial(self.ops.moe_norm_residual, m, experts, weights, *branch_norms)
+        elif (activated := self.mlp.activated(mlp_input)) is not None:
+            feed_forward_end = partial(projected_residual, self.ops, self.mlp.down_proj, activated)
+            feed_forward_end_then = partial(projected_residual_then, self.ops, self.mlp.down_proj, activated)
         else:
             gate, up = self.mlp.gated_inputs(mlp_input)
             feed_forward_end = partial(gated_residual, self.ops, self.mlp.down_proj, gate, up, 0)
+            feed_forward_end_then = partial(gated_residual_then, self.ops, self.mlp.down_proj, gate, up)
         # layer_scalar scales the whole residual stream, after PLE (Gemma4TextDecoderLayer.forward).
         if per_layer_inputs is None:
             return *feed_forward_end(self.post_feedforward_layernorm.weight, residual, self.layer_scalar, self.eps,
@@ -548,9 +575,8 @@ class DecoderLayer(nn.Module):
             h = feed_forward_end(self.post_feedforward_layernorm.weight, residual, None, self.eps)
             ple_gate = self.per_layer_input_gate(h)
         else:
-            h, ple_gate = gated_residual_then(self.ops, self.mlp.down_proj, gate, up,
-                                              self.post_feedforward_layernorm.weight, residual, self.eps,
-                                              self.per_layer_input_gate)
+            h, ple_gate = feed_forward_end_then(self.post_feedforward_layernorm.weight, residual, self.eps,
+                                                self.per_layer_input_gate)
         return *gated_residual(self.ops, self.per_layer_projection, ple_gate, per_layer_inputs,
                                self.ple_column, self.post_per_layer_input_norm.weight, h, self.layer_scalar, self.eps,
                                next_norm), kv

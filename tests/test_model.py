@@ -460,6 +460,45 @@ def test_ple_layers_end_their_feed_forward_with_the_ple_gate_in_gated_qmv_norm_r
     assert steps % len(model.layers) == 0 and steps >= len(model.layers)
 
 
+# Quantized in float32: on the CPU the model hands its quantized products float32 inputs, as the twin does there.
+@pytest.mark.parametrize("name,dtype,quantize_bits",
+                         [("ple_shared", "float32", 4), ("k_eq_v", "float32", 4), ("ple_shared", "bfloat16", None)])
+def test_quantized_mlps_leave_gate_up_through_qmv_gelu_and_project_its_x(checkpoints, name, dtype, quantize_bits):
+    """At decode, a quantized MLP's gate|up projection and gelu_gate are one `ops.qmv_gelu` call,
+    and its down projection reads that x as it is: `ops.qmv_norm_residual_qmv` with a PLE layer's
+    gate, `ops.qmv_norm_residual` elsewhere. Dense weights keep the gated path. Tokens stay the twins'."""
+    import collections
+    import dataclasses
+
+    from mlx_gemma4.kernels import TWINS, qmv_gelu_ref, qmv_norm_residual_qmv_ref, qmv_norm_residual_ref
+
+    model = checkpoints.model(name, dtype=dtype, quantize_bits=quantize_bits)
+    prompt = checkpoints.prompt(name, 12, seed=4)[0].tolist()
+    expected = greedy_tokens(model, prompt, TWINS)
+    calls = collections.Counter()
+
+    def counted(label, twin):
+        def call(*operands):
+            calls[label] += 1
+            return twin(*operands)
+        return call
+
+    ops = dataclasses.replace(TWINS, qmv_gelu=counted("gelu", qmv_gelu_ref),
+                              qmv_norm_residual_qmv=counted("end then", qmv_norm_residual_qmv_ref),
+                              qmv_norm_residual=counted("end", qmv_norm_residual_ref))
+    assert greedy_tokens(model, prompt, ops) == expected
+    if quantize_bits is None:
+        assert calls["gelu"] == calls["end then"] == 0 and calls["end"] > 0  # o_proj's alone
+        return
+    # Every step runs every layer's, and the prompt's last row the KV-shared layers'.
+    steps = calls["gelu"] - kv_shared_layers(model.config)
+    assert steps % len(model.layers) == 0 and steps >= len(model.layers)
+    if model.config.hidden_size_per_layer_input:
+        assert calls["end then"] == calls["gelu"]
+    else:  # each layer's o_proj and down projection
+        assert calls["end then"] == 0 and calls["end"] == 2 * calls["gelu"]
+
+
 @pytest.mark.parametrize("name,dtype,quantize_bits", [("ple_shared", "bfloat16", None), ("k_eq_v", "float32", 4)])
 def test_decode_heads_come_from_the_kernel_sets_qmv_rope_norm(checkpoints, name, dtype, quantize_bits):
     """In a compiled decode step every layer's heads come from `ops.qmv_rope_norm`: the q|k|v

@@ -22,8 +22,9 @@ from .qmm import qmm, qmm_ref, qmm_supports
 from .qmv import (
     gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_qmv, gated_qmv_norm_residual_qmv_ref,
     gated_qmv_norm_residual_qmv_supports, gated_qmv_norm_residual_ref, gated_qmv_ref, gated_qmv_supports, qmv,
-    qmv_norm_residual, qmv_norm_residual_ref, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm, qmv_rope_norm_ref,
-    qmv_rope_norm_supports, qmv_supports,
+    qmv_gelu, qmv_gelu_ref, qmv_gelu_supports, qmv_norm_residual, qmv_norm_residual_qmv, qmv_norm_residual_qmv_ref,
+    qmv_norm_residual_qmv_supports, qmv_norm_residual_ref, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm,
+    qmv_rope_norm_ref, qmv_rope_norm_supports, qmv_supports,
 )
 from .rope_norm import rope_norm, rope_norm_ref
 
@@ -59,6 +60,12 @@ class KernelSet:
     # attention's q|k|v projection and its rope_norm in one launch at decode (model.Attention.heads);
     # None: the two ops
     qmv_rope_norm: Callable | None = None
+    # the MLP's quantized gate|up projection and gelu_gate of its halves in one launch at decode
+    # (model.MLP.activated), so the down projection reads x as it is; None: the halves go to it
+    qmv_gelu: Callable | None = None
+    # qmv_norm_residual (no next norm) and the next projection of its output in one launch at decode
+    # (model.projected_residual_then: the down projection of qmv_gelu's x and the PLE gate); None: the two ops
+    qmv_norm_residual_qmv: Callable | None = None
 
 
 PROMPT_ROWS = 32  # rows of a call from which gelu_gate's kernel beats its compiled twin
@@ -144,12 +151,14 @@ KERNELS = KernelSet(
     qmv_norm_residual=qmv_norm_residual,
     qmv_rope_norm=qmv_rope_norm,
     gated_qmv_norm_residual_qmv=gated_qmv_norm_residual_qmv,
+    qmv_gelu=qmv_gelu,
+    qmv_norm_residual_qmv=qmv_norm_residual_qmv,
 )
 # Every kernel on: the model-level GPU check runs this set too.
 ALL_KERNELS = KernelSet(
     rope_norm, ple_inputs, norm_residual, gelu_gate, decode_attention, decode_attention, _prompt_attention,
     _quantized_matmul_by_rows, moe_router, moe_norm_residual, True, gated_qmv, gated_qmv_norm_residual, qmv_norm_residual,
-    gated_qmv_norm_residual_qmv, qmv_rope_norm,
+    gated_qmv_norm_residual_qmv, qmv_rope_norm, qmv_gelu, qmv_norm_residual_qmv,
 )
 TWINS = KernelSet(
     rope_norm_ref, ple_inputs_ref, norm_residual_ref, gelu_gate_ref, decode_attention_ref, decode_attention_ref,
@@ -172,7 +181,8 @@ __all__ = [
     "gated_qmv_ref", "gated_qmv_supports", "gelu_gate", "gelu_gate_ref", "gpu_backend", "kernels_enabled",
     "moe_norm_residual", "moe_norm_residual_ref", "moe_router", "moe_router_ref", "norm_residual",
     "norm_residual_ref", "ple_inputs", "ple_inputs_ref", "prompt_attention", "prompt_attention_ref",
-    "prompt_attention_supports", "qmm", "qmm_ref", "qmm_supports", "qmv",
-    "qmv_norm_residual", "qmv_norm_residual_ref", "qmv_norm_residual_supports", "qmv_ref", "qmv_rope_norm",
+    "prompt_attention_supports", "qmm", "qmm_ref", "qmm_supports", "qmv", "qmv_gelu", "qmv_gelu_ref",
+    "qmv_gelu_supports", "qmv_norm_residual", "qmv_norm_residual_qmv", "qmv_norm_residual_qmv_ref",
+    "qmv_norm_residual_qmv_supports", "qmv_norm_residual_ref", "qmv_norm_residual_supports", "qmv_ref", "qmv_rope_norm",
     "qmv_rope_norm_ref", "qmv_rope_norm_supports", "qmv_supports", "rope_norm", "rope_norm_ref", "select_kernels",
 ]

@@ -70,6 +70,30 @@ def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, gro
     return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS)[0]
 
 
+def qmv_gelu_ref(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                 bits: int) -> mx.array:
+    """gelu_gate_ref of the product's halves [..., N / 2]: w's rows are a gate half and an up
+    half (the MLP's fused gate|up projection)."""
+    return gelu_gate_ref(qmv_ref(x, w, scales, biases, group_size, bits))
+
+
+def qmv_gelu_supports(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int,
+                      bits: int) -> bool:
+    """Decode-sized calls over quantized weights qmv reads whose halves split into whole pairs
+    of a threadgroup's rows."""
+    return (scales is not None and x.size <= MAX_DECODE_QUERIES * x.shape[-1] and w.shape[0] % RPS == 0
+            and qmv_supports(x, w, biases, group_size, bits))
+
+
+def qmv_gelu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+             bits: int) -> mx.array:
+    """One launch (GELU_HALVES): the product's halves leave it through gelu_gate, so the next
+    projection reads its x as it is instead of remaking it in each threadgroup (GATED)."""
+    kernel = build("qmv", "qmv", ("x", "w", "scales", "biases"), ("out",), defines=(("GELU_HALVES", 1),))
+    output_shapes = [(*x.shape[:-1], w.shape[0] // 2)]
+    return _launch(kernel, [x, w, scales, biases], x, w, group_size, bits, SIMDS, output_shapes=output_shapes)[0]
+
+
 def _product_ref(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int,
                  bits: int) -> mx.array:
     """x @ w.T: w dequantized as in qmv_ref, or a dense [N, K] w where scales is None."""
@@ -293,16 +317,48 @@ def gated_qmv_norm_residual_qmv_ref(
     return out, _product_ref(out, *then)
 
 
+def qmv_norm_residual_qmv_ref(
+    x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int,
+    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, then: tuple,
+) -> tuple[mx.array, mx.array]:
+    """(out, out @ then's w.T): qmv_norm_residual_ref's out (no next norm) and the next
+    projection of it, `then` as in gated_qmv_norm_residual_qmv_ref."""
+    out = qmv_norm_residual_ref(x, w, scales, biases, group_size, bits, weight, residual, scale, eps)
+    return out, _product_ref(out, *then)
+
+
+def qmv_norm_residual_qmv_supports(x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None,
+                                   group_size: int, bits: int, then: tuple) -> bool:
+    """qmv_norm_residual's operands and a `then` as gated_qmv_norm_residual_qmv takes it."""
+    return _reads_product(x, w, scales, biases, group_size, bits) and _then_fits(w, scales, then)
+
+
+def qmv_norm_residual_qmv(
+    x: mx.array, w: mx.array, scales: mx.array | None, biases: mx.array | None, group_size: int, bits: int,
+    weight: mx.array, residual: mx.array, scale: mx.array | None, eps: float, then: tuple,
+) -> tuple[mx.array, mx.array]:
+    """As gated_qmv_norm_residual_qmv, of x as it is (THEN_QMV without GATED)."""
+    if not last_threadgroup_merges():
+        out = qmv_norm_residual(x, w, scales, biases, group_size, bits, weight, residual, scale, eps)
+        return out, _product_ref(out, *then)
+    return _norm_residual_launch({"x": x}, False, x, w, scales, biases, group_size,
+                                 DENSE_BITS if scales is None else bits, weight, residual, scale, eps, None, then)
+
+
+def _then_fits(w: mx.array, scales: mx.array | None, then: tuple) -> bool:
+    """Whether THEN_QMV's waiters read `then` over out's rows (w's N): qmv's layouts, quantized where w is."""
+    then_w, then_scales, then_biases, then_group, then_bits = then
+    hidden = w.shape[0]
+    stored = then_w.shape[-1] if then_scales is None else then_w.shape[-1] * 32 // then_bits
+    return ((then_scales is None) == (scales is None) and (then_scales is not None or then_w.dtype == w.dtype)
+            and stored == hidden and _fits_layout(hidden, then_w, then_scales, then_biases, then_group, then_bits))
+
+
 def gated_qmv_norm_residual_qmv_supports(gate: mx.array, up: mx.array | None, up_offset: int, w: mx.array,
                                          scales: mx.array | None, biases: mx.array | None, group_size: int,
                                          bits: int, then: tuple) -> bool:
     """gated_qmv's operands, and a `then` of qmv's layouts over out's rows, quantized where w is."""
-    then_w, then_scales, then_biases, then_group, then_bits = then
-    hidden = w.shape[0]
-    stored = then_w.shape[-1] if then_scales is None else then_w.shape[-1] * 32 // then_bits
-    return (gated_qmv_supports(gate, up, up_offset, w, scales, biases, group_size, bits)
-            and (then_scales is None) == (scales is None) and (then_scales is not None or then_w.dtype == w.dtype)
-            and stored == hidden and _fits_layout(hidden, then_w, then_scales, then_biases, then_group, then_bits))
+    return gated_qmv_supports(gate, up, up_offset, w, scales, biases, group_size, bits) and _then_fits(w, scales, then)
 
 
 def gated_qmv_norm_residual_qmv(

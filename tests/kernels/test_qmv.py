@@ -2,7 +2,8 @@
 4- and 8-bit, 1 to MAX_DECODE_QUERIES rows, and a row count N that no threadgroup divides; its
 GATED build (gelu_gate made as x is loaded) on quantized and 16-bit dense weights, and both
 builds ending the sub-block with norm_residual (NORM_RESIDUAL), and attention's q|k|v projection
-with its rope_norm (ROPE_NORM), and a feed-forward end with the PLE gate after it (THEN_QMV)."""
+with its rope_norm (ROPE_NORM), and a feed-forward end with the PLE gate after it (THEN_QMV), of
+a gated x or of x as it is; and the gate|up projection leaving through gelu_gate (GELU_HALVES)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from tolerances import DTYPES, assert_close, random, requires_gpu, run_and_repla
 from mlx_gemma4.kernels import (
     MAX_DECODE_QUERIES, gated_qmv, gated_qmv_norm_residual, gated_qmv_norm_residual_qmv,
     gated_qmv_norm_residual_qmv_supports, gated_qmv_ref, gated_qmv_supports, gelu_gate_ref,
-    norm_residual_ref, qmv, qmv_norm_residual, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm,
-    qmv_rope_norm_supports, rope_norm,
+    norm_residual_ref, qmv, qmv_gelu, qmv_gelu_supports, qmv_norm_residual, qmv_norm_residual_qmv,
+    qmv_norm_residual_qmv_supports, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm, qmv_rope_norm_supports,
+    rope_norm,
 )
 from mlx_gemma4.rope import LayerRoPE
 
@@ -44,6 +46,28 @@ def test_matches_twin(dtype, bits, rows, shape):
     assert_close(
         qmv(x, w, scales, biases, 64, bits), oracle, dtype, f"qmv[{dtype} {bits}-bit K{K} N{N} M{rows}]", extra_atol=K * 2e-8
     )
+
+
+# (K, N): the gate|up projections of E4B and E2B (its KV-shared layers' double width), a small one.
+GELU_SHAPES = [(2560, 20480), (1536, 24576), (512, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, MAX_DECODE_QUERIES])
+@pytest.mark.parametrize("shape", GELU_SHAPES, ids=str)
+def test_gelu_halves_match_gelu_gate_of_the_product(dtype, bits, rows, shape):
+    """qmv_gelu = gelu_gate of the product's gate and up halves, the product rounded to dtype first."""
+    K, N = shape
+    w, scales, biases = mx.quantize(random((N, K), dtype, scale=0.05, seed=K + N), group_size=64, bits=bits)
+    x = random((1, rows, K), dtype, seed=rows)
+    assert qmv_gelu_supports(x, w, scales, biases, 64, bits)
+    f32 = mx.float32
+    product = qmv_ref(x.astype(f32), w, scales.astype(f32), biases.astype(f32), 64, bits).astype(dtype)
+    got = qmv_gelu(x, w, scales, biases, 64, bits)
+    assert got.shape == (1, rows, N // 2)
+    assert_close(got, gelu_gate_ref(product), dtype, f"qmv_gelu[{dtype} {bits}-bit K{K} N{N} M{rows}]",
+                 extra_atol=K * 2e-8)
 
 
 GATED_SHAPES = [  # (K, N, up columns, up's first column): E2B's down (the gate|up halves, up None) and PLE
@@ -226,21 +250,54 @@ def test_norm_residual_then_matches_the_block_end_then_its_projection(dtype, bit
     replayed from a trace, twice: its counters and flag are 0 again after each launch."""
     K, N = shape
     operands = gated_operands(dtype, bits, rows, (K, N, None, None))
-    then_weight = random((256, N), dtype, scale=0.05, seed=N)
-    if then_bits == 16:
-        then = (then_weight, None, None, 0, 0)
-    else:
-        then = (*mx.quantize(then_weight, group_size=64, bits=then_bits), 64, then_bits)
+    then = then_operands(dtype, N, then_bits)
     end = sub_block_end(dtype, rows, N, "plain")[:3]
     assert gated_qmv_norm_residual_qmv_supports(*operands, then)
-    expected_out = gated_qmv_norm_residual(*operands, *end, 1e-6)
-    f32 = mx.float32
+    assert_ends_then_projects(partial(gated_qmv_norm_residual_qmv, *operands, *end, 1e-6, then),
+                              gated_qmv_norm_residual(*operands, *end, 1e-6), then, dtype,
+                              f"gated_qmv_norm_residual_qmv[{dtype} {bits}-bit then {then_bits}-bit N{N} M{rows}]")
+
+
+def then_operands(dtype, N: int, then_bits: int) -> tuple:
+    """A PLE gate's operands as qmv's, 256 rows over N: quantized, or (16 bits) dense in dtype."""
+    then_weight = random((256, N), dtype, scale=0.05, seed=N)
     if then_bits == 16:
-        expected_then = expected_out.astype(f32) @ then_weight.astype(f32).T
+        return then_weight, None, None, 0, 0
+    return (*mx.quantize(then_weight, group_size=64, bits=then_bits), 64, then_bits)
+
+
+def assert_ends_then_projects(fused, expected_out: mx.array, then: tuple, dtype, label: str) -> None:
+    """fused() = (expected_out, expected_out @ then.T in float32), plain and replayed from a trace,
+    twice: its counters and flag are 0 again after each launch."""
+    f32 = mx.float32
+    then_w, then_scales, then_biases, group_size, then_bits = then
+    if then_scales is None:
+        expected_then = expected_out.astype(f32) @ then_w.astype(f32).T
     else:
-        expected_then = qmv_ref(expected_out.astype(f32), then[0], then[1].astype(f32), then[2].astype(f32), 64,
-                                then_bits)
-    label = f"gated_qmv_norm_residual_qmv[{dtype} {bits}-bit then {then_bits}-bit N{N} M{rows}]"
-    for out, then_out in run_and_replayed(partial(gated_qmv_norm_residual_qmv, *operands, *end, 1e-6, then)):
+        expected_then = qmv_ref(expected_out.astype(f32), then_w, then_scales.astype(f32), then_biases.astype(f32),
+                                group_size, then_bits)
+    for out, then_out in run_and_replayed(fused):
         assert_close(out, expected_out, dtype, f"{label} out")
-        assert_close(then_out, expected_then.astype(dtype), dtype, f"{label} then_out", extra_atol=N * 2e-8)
+        assert_close(then_out, expected_then.astype(dtype), dtype, f"{label} then_out",
+                     extra_atol=expected_out.shape[-1] * 2e-8)
+
+
+# (dtype, bits, then's bits, rows, (K, N)): THEN_CASES' kinds, the down projection's x as it is.
+PLAIN_THEN_CASES = [
+    (mx.bfloat16, 4, 8, 1, (10240, 2560)), (mx.bfloat16, 16, 16, 1, (6144, 1536)), (mx.float16, 8, 8, 3, (6144, 1536)),
+    (mx.float32, 4, 4, 3, (10240, 2560)),
+]
+
+
+@pytest.mark.parametrize("dtype,bits,then_bits,rows,shape", PLAIN_THEN_CASES, ids=str)
+def test_plain_norm_residual_then_matches_the_block_end_then_its_projection(dtype, bits, then_bits, rows, shape):
+    """qmv_norm_residual_qmv = (qmv_norm_residual's out, out @ then.T): the down projection of
+    qmv_gelu's x ending a PLE layer's feed-forward block, then its PLE gate."""
+    K, N = shape
+    x, operands, _ = projection_case(dtype, bits, rows, K, N)
+    then = then_operands(dtype, N, then_bits)
+    end = sub_block_end(dtype, rows, N, "plain")[:3]
+    assert qmv_norm_residual_qmv_supports(x, *operands, then)
+    assert_ends_then_projects(partial(qmv_norm_residual_qmv, x, *operands, *end, 1e-6, then),
+                              qmv_norm_residual(x, *operands, *end, 1e-6), then, dtype,
+                              f"qmv_norm_residual_qmv[{dtype} {bits}-bit then {then_bits}-bit N{N} M{rows}]")
