@@ -30,41 +30,46 @@ SHAPES = [  # (K, N): E2B q|k|v and gate|up, 26B-A4B router, 31B o_proj and down
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3, MAX_DECODE_QUERIES])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def over_quantized_decode_calls(shapes):
+    """Parametrizes a test over every dtype, 4 and 8 bits, 1 to MAX_DECODE_QUERIES rows and `shapes`."""
+    def parametrized(test):
+        for name, values in (("shape", shapes), ("rows", [1, 3, MAX_DECODE_QUERIES]), ("bits", [4, 8]),
+                             ("dtype", DTYPES)):
+            test = pytest.mark.parametrize(name, values, ids=str)(test)
+        return test
+    return parametrized
+
+
+@over_quantized_decode_calls(SHAPES)
 def test_matches_twin(dtype, bits, rows, shape):
     K, N = shape
+    x, operands, oracle = quantized_case(dtype, bits, rows, K, N)
+    # Float32 sums of K products taken in another order differ by up to ~K ulps of the partial sums.
+    assert_close(qmv(x, *operands), oracle, dtype, f"qmv[{dtype} {bits}-bit K{K} N{N} M{rows}]", extra_atol=K * 2e-8)
+
+
+def quantized_case(dtype, bits: int, rows: int, K: int, N: int) -> tuple:
+    """(x [1, rows, K], qmv's operands for a quantized [N, K] weight, the oracle x @ w.T: the twin on
+    the same values in float32, rounded once (the kernel sums in float32; MLX's own float16
+    product drifts further at K 21504))."""
     w, scales, biases = mx.quantize(random((N, K), dtype, scale=0.05, seed=K + N), group_size=64, bits=bits)
     x = random((1, rows, K), dtype, seed=rows)
-    # The oracle: the twin on the same values in float32, rounded once (the kernel sums in float32;
-    # MLX's own float16 product drifts further at K 21504).
     f32 = mx.float32
     oracle = qmv_ref(x.astype(f32), w, scales.astype(f32), biases.astype(f32), 64, bits).astype(dtype)
-    # Float32 sums of K products taken in another order differ by up to ~K ulps of the partial sums.
-    assert_close(
-        qmv(x, w, scales, biases, 64, bits), oracle, dtype, f"qmv[{dtype} {bits}-bit K{K} N{N} M{rows}]", extra_atol=K * 2e-8
-    )
+    return x, (w, scales, biases, 64, bits), oracle
 
 
 # (K, N): the gate|up projections of E4B and E2B (its KV-shared layers' double width), a small one.
 GELU_SHAPES = [(2560, 20480), (1536, 24576), (512, 1000)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3, MAX_DECODE_QUERIES])
-@pytest.mark.parametrize("shape", GELU_SHAPES, ids=str)
+@over_quantized_decode_calls(GELU_SHAPES)
 def test_gelu_halves_match_gelu_gate_of_the_product(dtype, bits, rows, shape):
     """qmv_gelu = gelu_gate of the product's gate and up halves, the product rounded to dtype first."""
     K, N = shape
-    w, scales, biases = mx.quantize(random((N, K), dtype, scale=0.05, seed=K + N), group_size=64, bits=bits)
-    x = random((1, rows, K), dtype, seed=rows)
-    assert qmv_gelu_supports(x, w, scales, biases, 64, bits)
-    f32 = mx.float32
-    product = qmv_ref(x.astype(f32), w, scales.astype(f32), biases.astype(f32), 64, bits).astype(dtype)
-    got = qmv_gelu(x, w, scales, biases, 64, bits)
+    x, operands, product = quantized_case(dtype, bits, rows, K, N)
+    assert qmv_gelu_supports(x, *operands)
+    got = qmv_gelu(x, *operands)
     assert got.shape == (1, rows, N // 2)
     assert_close(got, gelu_gate_ref(product), dtype, f"qmv_gelu[{dtype} {bits}-bit K{K} N{N} M{rows}]",
                  extra_atol=K * 2e-8)
