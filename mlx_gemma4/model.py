@@ -20,8 +20,7 @@ from .cache import DEFAULT_SLIDING_HEADROOM, KVCache, SlidingKVCache
 from .config import FULL, SLIDING, LayerConfig, ModelConfig
 from .kernels import (
     MAX_DECODE_QUERIES, KernelSet, gated_qmv_norm_residual_qmv_supports, gated_qmv_supports, qmv_gelu_supports,
-    qmv_norm_residual_qmv_supports, qmv_norm_residual_supports,
-    qmv_ref, qmv_rope_norm_supports, select_kernels,
+    qmv_norm_residual_qmv_supports, qmv_norm_residual_supports, qmv_ref, qmv_rope_norm_supports, select_kernels,
 )
 from .kernels._source import POOLED_MAX_BYTES, parameter_array, shared_launch_buffers
 from .kernels.norm_residual import NextWeights
